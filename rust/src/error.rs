@@ -94,6 +94,9 @@ pub enum Error {
     /// A message or a resource does not fit a configured limit.
     #[error("capacity exceeded: {0}")]
     Capacity(String),
+    /// Another live server owns the path.
+    #[error("{0}")]
+    AddressInUse(String),
     /// An endpoint was asked to do what its role does not allow.
     #[error("role error: {0}")]
     Role(String),

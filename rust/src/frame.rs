@@ -647,12 +647,8 @@ pub fn layout(specs: &[TensorSpec<'_>], limits: &Limits) -> Result<Layout> {
     })
 }
 
-/// Write the header, the tensor table and zeroed padding into `out[..payload start]`,
-/// and zero the padding between tensors. `out` must be at least `layout.total_len` long.
-/// The caller then copies each tensor's bytes to `layout.offsets[i]`.
-pub fn write_prefix(out: &mut [u8], meta: &Meta, specs: &[TensorSpec<'_>], layout: &Layout) {
-    let total = layout.total_len as usize;
-    let out = &mut out[..total];
+/// Write the header and the tensor table into `out[..HEADER_LEN + layout.table_len]`.
+pub fn write_header_table(out: &mut [u8], meta: &Meta, specs: &[TensorSpec<'_>], layout: &Layout) {
     out[0..4].copy_from_slice(&MAGIC);
     out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     out[6] = meta.kind as u8;
@@ -679,15 +675,21 @@ pub fn write_prefix(out: &mut [u8], meta: &Meta, specs: &[TensorSpec<'_>], layou
             p += 8;
         }
     }
-    // Zero every gap: after the table, and between tensors.
-    let mut gap_start = p;
+}
+
+/// Write the header, the tensor table and zeroed padding into `out`, which must be at
+/// least `layout.total_len` long, zeroing every gap between tensors. The caller then
+/// copies each tensor's bytes to `layout.offsets[i]` (shared memory writes in place so).
+pub fn write_prefix(out: &mut [u8], meta: &Meta, specs: &[TensorSpec<'_>], layout: &Layout) {
+    let total = layout.total_len as usize;
+    let out = &mut out[..total];
+    write_header_table(out, meta, specs, layout);
+    let mut gap_start = HEADER_LEN + layout.table_len as usize;
     for (i, off) in layout.offsets.iter().enumerate() {
         out[gap_start..*off as usize].fill(0);
         gap_start = (*off + layout.nbytes[i]) as usize;
     }
-    if layout.offsets.is_empty() {
-        out[gap_start..total].fill(0);
-    }
+    out[gap_start..total].fill(0);
 }
 
 /// A tensor to encode: its description and its bytes (C-contiguous, little-endian).
@@ -777,7 +779,8 @@ pub struct AlignedBuf {
 impl AlignedBuf {
     pub fn zeroed(len: usize) -> AlignedBuf {
         AlignedBuf {
-            blocks: vec![Block([0; 64]); len.div_ceil(64)],
+            // zeroed_vec allocates with calloc: large buffers come as fresh zero pages, no memset.
+            blocks: bytemuck::zeroed_vec(len.div_ceil(64)),
             len,
         }
     }

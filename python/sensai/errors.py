@@ -1,0 +1,72 @@
+"""Exceptions raised by SensAI. All derive from :class:`SensAIError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "SensAIError",
+    "ProtocolError",
+    "TransportTimeout",
+    "PeerGoneError",
+    "CapacityError",
+    "RoleError",
+    "RemoteError",
+    "AddressInUseError",
+    "ClosedError",
+]
+
+_CODE_NAMES = {
+    1: "bad request",
+    2: "protocol",
+    3: "capacity",
+    4: "internal",
+    5: "unavailable",
+    6: "role",
+}
+
+
+class SensAIError(Exception):
+    """Base class of every SensAI error."""
+
+
+class ProtocolError(SensAIError):
+    """The peer sent bytes that are not a valid frame, or a transport file is invalid."""
+
+
+class TransportTimeout(SensAIError, TimeoutError):
+    """A blocking call reached its timeout."""
+
+
+class PeerGoneError(SensAIError, ConnectionError):
+    """The other side closed, crashed, or never came."""
+
+
+class CapacityError(SensAIError):
+    """A message or a resource does not fit a configured limit (or no slot is free)."""
+
+
+class RoleError(SensAIError):
+    """An endpoint was asked to do what its role (server or client) does not allow."""
+
+
+class AddressInUseError(SensAIError, OSError):
+    """Another live server already serves on this path."""
+
+
+class ClosedError(SensAIError, ValueError):
+    """The endpoint was already closed."""
+
+
+class RemoteError(SensAIError):
+    """The server answered a request with an error frame.
+
+    ``code`` is one of ``sensai._core.ERROR_CODES`` (1 bad request, 2 protocol, 3 capacity,
+    4 internal, 5 unavailable, 6 role); ``message`` is the server's explanation.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = int(code)
+        self.message = message
+        super().__init__(f"server error {self.code} ({_CODE_NAMES.get(self.code, 'unknown')}): {message}")
+
+    def __reduce__(self):  # keep picklable across DataLoader workers
+        return (type(self), (self.code, self.message))

@@ -1,0 +1,91 @@
+"""Transports: where a server and its clients exchange tensors.
+
+``create_transport(kind, ...)`` makes a server endpoint; ``connect(address)`` makes a
+client endpoint from an address such as ``unix:///tmp/sensai.sock`` or
+``pipe:///tmp/sensai-pipes``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+from urllib.parse import urlparse
+
+from .named_pipe import NamedPipeClient, NamedPipeServer
+from .transport_abc import ClientMixin, Transport
+from .unix_socket import UnixSocketClient, UnixSocketServer
+
+__all__ = [
+    "Transport",
+    "ClientMixin",
+    "NamedPipeServer",
+    "NamedPipeClient",
+    "UnixSocketServer",
+    "UnixSocketClient",
+    "TRANSPORT_KINDS",
+    "create_transport",
+    "default_path",
+    "parse_address",
+    "format_address",
+    "connect",
+]
+
+_SERVERS = {"unix_socket": UnixSocketServer, "named_pipe": NamedPipeServer}
+_CLIENTS = {"unix_socket": UnixSocketClient, "named_pipe": NamedPipeClient}
+_SCHEMES = {"unix": "unix_socket", "pipe": "named_pipe"}
+_SCHEME_OF = {v: k for k, v in _SCHEMES.items()}
+TRANSPORT_KINDS = tuple(_SERVERS)
+
+
+def default_path(kind: str) -> str:
+    """A per-process default path for a server of ``kind``."""
+    base = tempfile.gettempdir()
+    pid = os.getpid()
+    if kind == "unix_socket":
+        return os.path.join(base, f"sensai-{pid}.sock")
+    if kind == "named_pipe":
+        return os.path.join(base, f"sensai-{pid}-pipes")
+    raise ValueError(f"unknown transport kind {kind!r}; expected one of {', '.join(TRANSPORT_KINDS)}")
+
+
+def create_transport(kind: str, path: str | None = None, num_slots: int | None = None, **kwargs: Any):
+    """Create a server endpoint; returns ``(endpoint, path)`` like the seed's.
+
+    ``num_clients`` is accepted as the seed's name for ``num_slots`` (default 1). Other
+    keyword arguments (``max_nbytes``, ``max_tensors``, ``max_dims``, ``debug``) go to the
+    endpoint's constructor.
+    """
+    if kind not in _SERVERS:
+        raise ValueError(f"unknown transport kind {kind!r}; expected one of {', '.join(TRANSPORT_KINDS)}")
+    if "num_clients" in kwargs:
+        n = kwargs.pop("num_clients")
+        num_slots = n if num_slots is None else num_slots
+    for alias in ("pipe_dir", "socket_path", "shm_path"):
+        if alias in kwargs:
+            v = kwargs.pop(alias)
+            path = path or v
+    path = str(path) if path else default_path(kind)
+    num_slots = 1 if num_slots is None else int(num_slots)
+    return _SERVERS[kind](path, num_slots, **kwargs), path
+
+
+def parse_address(address: str) -> tuple[str, str]:
+    """``"unix:///tmp/s.sock"`` -> ``("unix_socket", "/tmp/s.sock")``."""
+    u = urlparse(address)
+    if u.scheme not in _SCHEMES or u.netloc or not u.path:
+        raise ValueError(
+            f"invalid address {address!r}: expected unix:///path/to/socket or pipe:///path/to/dir"
+        )
+    return _SCHEMES[u.scheme], u.path
+
+
+def format_address(kind: str, path: str) -> str:
+    """The address a client passes to reach a server of ``kind`` at ``path``."""
+    return f"{_SCHEME_OF[kind]}://{os.path.abspath(path)}"
+
+
+def connect(address: str, slot_id: int | None = None, **kwargs: Any):
+    """A client endpoint for ``address`` (see :func:`parse_address`)."""
+    kind, path = parse_address(address)
+    return _CLIENTS[kind](path, slot_id, **kwargs)

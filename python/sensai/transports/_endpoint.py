@@ -1,0 +1,272 @@
+"""Python endpoints over the Rust core (`sensai._core`): the seed's API on real transports.
+
+One array in gives one array out, a list gives a list. Torch tensors are accepted
+(moved to the CPU); bfloat16 travels as raw 2-byte words and comes back as a torch
+bfloat16 tensor, since numpy has no bfloat16.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from .. import _core
+from ..errors import RoleError, SensAIError
+from .transport_abc import ClientMixin, Transport
+
+__all__ = ["ServerEndpointBase", "ClientEndpointBase", "to_wire", "from_message"]
+
+log = logging.getLogger("sensai.transports")
+
+DEFAULT_MAX_NBYTES = 256 << 20
+
+
+def _one_to_wire(x: Any, index: int) -> tuple[np.ndarray, str | None]:
+    if isinstance(x, np.ndarray):
+        arr = x
+    elif type(x).__module__.startswith("torch"):
+        import torch
+
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"tensor {index}: expected a numpy array or torch tensor, got {type(x).__name__}")
+        t = x.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.dtype == torch.bfloat16:
+            words = t.contiguous().view(torch.int16).numpy().view(np.uint16)
+            return np.ascontiguousarray(words), "bfloat16"
+        arr = t.contiguous().numpy()
+    elif isinstance(x, (np.generic, int, float, bool)):
+        arr = np.asarray(x)
+    else:
+        raise TypeError(f"tensor {index}: expected a numpy array or torch tensor, got {type(x).__name__}")
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(arr), None
+
+
+def to_wire(tensor_or_list: Any) -> tuple[list[np.ndarray], list[str | None] | None, bool]:
+    """Arrays to send, their dtype overrides, and whether the caller passed a list."""
+    is_list = isinstance(tensor_or_list, (list, tuple))
+    items = list(tensor_or_list) if is_list else [tensor_or_list]
+    arrays, overrides = [], []
+    for i, x in enumerate(items):
+        a, o = _one_to_wire(x, i)
+        arrays.append(a)
+        overrides.append(o)
+    return arrays, (overrides if any(o is not None for o in overrides) else None), is_list
+
+
+def from_message(msg: "_core.Message") -> Any:
+    """The tensors of a received message: an array, or a list when a list was sent."""
+    arrays = list(msg.arrays())
+    if "bfloat16" in msg.dtypes:
+        import torch
+
+        arrays = [
+            torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if d == "bfloat16" else a
+            for a, d in zip(arrays, msg.dtypes)
+        ]
+    if msg.is_list:
+        return arrays
+    if len(arrays) == 1:
+        return arrays[0]
+    return arrays
+
+
+class ServerEndpointBase(Transport):
+    """Server endpoint over a `_core.ServerEndpoint`."""
+
+    _factory: str = ""
+
+    def __init__(
+        self,
+        path: str,
+        num_slots: int,
+        debug: bool = False,
+        *,
+        max_nbytes: int = DEFAULT_MAX_NBYTES,
+        max_tensors: int = 8,
+        max_dims: int = 8,
+    ) -> None:
+        super().__init__(str(path), debug=debug, is_server=True)
+        self._core = getattr(_core.ServerEndpoint, self._factory)(
+            str(path), int(num_slots), int(max_nbytes), int(max_tensors), int(max_dims)
+        )
+        self._num_slots = int(num_slots)
+        self._debug(f"serving {num_slots} slot(s) on {path}")
+
+    # -- seed API -------------------------------------------------------------------
+    def supports_multi_tensor(self) -> bool:
+        return True
+
+    def is_ready_slot(self, slot_id: int) -> bool:
+        return self._core.is_ready_slot(slot_id)
+
+    def read_tensor_slot(self, slot_id: int) -> Any:
+        """The next request's tensors on ``slot_id``, or None when nothing is pending."""
+        msg = self._core.recv(slot_id)
+        if msg is None:
+            return None
+        self._debug(f"slot {slot_id}: {msg!r}")
+        return from_message(msg)
+
+    def write_tensor_slot(self, slot_id: int, tensor: Any) -> None:
+        """Answer the oldest unanswered request on ``slot_id``. Never blocks on the client."""
+        arrays, dtypes, is_list = to_wire(tensor)
+        self._core.send(slot_id, arrays, dtypes, is_list)
+
+    def wait_any(self, timeout: float | None = None) -> list[int]:
+        return self._core.wait_any(timeout)
+
+    def close(self) -> None:
+        self._core.close()
+
+    # -- richer API -----------------------------------------------------------------
+    def recv_message(self, slot_id: int) -> "_core.Message | None":
+        """The next request as a raw message (header fields and zero-copy arrays)."""
+        return self._core.recv(slot_id)
+
+    def send_message(
+        self, slot_id: int, tensor: Any, *, tag: int = 0, value: int = 0, kind: str = "response"
+    ) -> None:
+        arrays, dtypes, is_list = to_wire(tensor)
+        self._core.send(slot_id, arrays, dtypes, is_list, tag, value, kind)
+
+    def send_error(self, slot_id: int, code: int, message: str) -> None:
+        """Answer the oldest unanswered request on ``slot_id`` with an error frame."""
+        self._core.send_error(slot_id, int(code), str(message))
+
+    def is_connected(self, slot_id: int) -> bool:
+        return self._core.is_connected(slot_id)
+
+    @property
+    def num_slots(self) -> int:
+        return self._num_slots
+
+    @property
+    def limits(self) -> tuple[int, int, int]:
+        """``(max_tensors, max_dims, max_nbytes)``."""
+        return self._core.limits
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    # -- role checks ----------------------------------------------------------------
+    def write_tensor(self, tensor: Any) -> None:
+        raise RoleError("a server endpoint answers on a slot: use write_tensor_slot(slot_id, ...)")
+
+    def read_tensor(self) -> Any:
+        raise RoleError("a server endpoint reads from a slot: use read_tensor_slot(slot_id)")
+
+    def request(self, tensor: Any, timeout: float | None = None) -> Any:
+        raise RoleError("a server endpoint cannot send requests")
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={self.path!r}, num_slots={self._num_slots})"
+
+
+class ClientEndpointBase(ClientMixin, Transport):
+    """Client endpoint over a `_core.ClientEndpoint`, bound to one slot."""
+
+    _factory: str = ""
+
+    def __init__(
+        self,
+        path: str,
+        slot_id: int | None = None,
+        debug: bool = False,
+        *,
+        connect_timeout: float | None = 30.0,
+    ) -> None:
+        super().__init__(str(path), debug=debug, is_server=False)
+        self._core = getattr(_core.ClientEndpoint, self._factory)(str(path), slot_id, connect_timeout)
+        self.slot_id = self._core.slot_id
+        self._outstanding = 0
+        self._debug(f"connected to {path} on slot {self.slot_id}")
+
+    def supports_multi_tensor(self) -> bool:
+        return True
+
+    def _check_slot(self, slot_id: int) -> None:
+        if slot_id != self.slot_id:
+            raise RoleError(f"this client holds slot {self.slot_id} of {self.path}; it cannot use slot {slot_id}")
+
+    def write_tensor_slot(self, slot_id: int, tensor: Any) -> None:
+        self._check_slot(slot_id)
+        self.write_tensor(tensor)
+
+    def read_tensor_slot(self, slot_id: int) -> Any:
+        self._check_slot(slot_id)
+        return self.read_tensor()
+
+    def is_ready_slot(self, slot_id: int) -> bool:
+        self._check_slot(slot_id)
+        return self.is_ready()
+
+    def write_tensor(self, tensor: Any, timeout: float | None = None) -> None:
+        """Send a request (an array or a list of arrays)."""
+        arrays, dtypes, is_list = to_wire(tensor)
+        self._core.send(arrays, dtypes, is_list, 0, 0, "request", timeout)
+        self._outstanding += 1
+
+    def is_ready(self) -> bool:
+        """Whether a response can be read without waiting."""
+        return self._core.is_ready()
+
+    def read_tensor(self, timeout: float | None = None) -> Any:
+        """The response to the oldest outstanding request, waiting up to ``timeout`` seconds."""
+        if self._outstanding == 0:
+            raise SensAIError(f"no request is outstanding on slot {self.slot_id} of {self.path}")
+        self._outstanding -= 1
+        return from_message(self._core.recv(timeout))
+
+    def request(self, tensor: Any, timeout: float | None = None) -> Any:
+        """Send a request and return its response (``timeout`` covers both)."""
+        return from_message(self.request_message(tensor, timeout=timeout))
+
+    def request_message(
+        self, tensor: Any, *, tag: int = 0, value: int = 0, kind: str = "request", timeout: float | None = None
+    ) -> "_core.Message":
+        """Like :meth:`request`, returning the raw message (header fields, zero-copy arrays)."""
+        if self._outstanding:
+            raise SensAIError(
+                f"{self._outstanding} response(s) on slot {self.slot_id} are still unread; read them first"
+            )
+        arrays, dtypes, is_list = to_wire(tensor)
+        return self._core.request(arrays, dtypes, is_list, tag, value, kind, timeout)
+
+    @property
+    def limits(self) -> tuple[int, int, int]:
+        """The server's ``(max_tensors, max_dims, max_nbytes)``."""
+        return self._core.limits
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    def close(self) -> None:
+        self._core.close()
+
+    # -- role checks ----------------------------------------------------------------
+    def wait_any(self, timeout: float | None = None) -> list[int]:
+        raise RoleError("a client endpoint cannot wait for requests; only a server can")
+
+    def send_error(self, slot_id: int, code: int, message: str) -> None:
+        raise RoleError("a client endpoint cannot send error frames")
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={self.path!r}, slot_id={self.slot_id})"

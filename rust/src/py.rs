@@ -1,0 +1,758 @@
+//! Python bindings: the extension module `sensai._core`.
+//!
+//! The only file that knows Python exists. It converts numpy arrays to frame tensors
+//! (borrowing their buffers, no copy), releases the GIL around every wait and bulk copy,
+//! re-acquires it every few milliseconds during waits to let Ctrl-C through, and turns
+//! received frames into numpy arrays that view the received buffer (no copy). Errors
+//! become the exception classes of `sensai.errors`.
+
+use std::ffi::c_void;
+use std::time::Duration;
+
+use numpy::npyffi::{
+    self, npy_intp, NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE, PY_ARRAY_API,
+};
+use numpy::prelude::*;
+use numpy::{PyArrayDescr, PyUntypedArray};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::error::Error;
+use crate::frame::{self, DType, Kind, Limits, Meta, TensorRef, FLAG_LIST};
+use crate::transport::fifo::{FifoClient, FifoServer};
+use crate::transport::uds::{UdsClient, UdsServer};
+use crate::transport::{ClientEndpoint, Message, ServerEndpoint};
+
+/// Turn a crate error into the matching `sensai.errors` exception.
+fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
+    let msg = e.to_string();
+    let class = match &e {
+        Error::Frame(_) | Error::Protocol(_) => "ProtocolError",
+        Error::Timeout { .. } => "TransportTimeout",
+        Error::PeerGone(_) => "PeerGoneError",
+        Error::Capacity(_) => "CapacityError",
+        Error::Role(_) => "RoleError",
+        Error::AddressInUse(_) => "AddressInUseError",
+        Error::Closed => "ClosedError",
+        Error::Remote { .. } => "RemoteError",
+        Error::InvalidArgument(_) => return PyValueError::new_err(msg),
+        Error::Interrupted => return pyo3::exceptions::PyKeyboardInterrupt::new_err(msg),
+        Error::Io { source, .. } => {
+            return match source.raw_os_error() {
+                // OSError(errno, text) picks the subclass (FileNotFoundError, PermissionError, ...).
+                Some(errno) => pyo3::exceptions::PyOSError::new_err((errno, msg)),
+                None => pyo3::exceptions::PyOSError::new_err(msg),
+            };
+        }
+    };
+    let build = || -> PyResult<PyErr> {
+        let cls = py.import("sensai.errors")?.getattr(class)?;
+        let inst = match &e {
+            Error::Remote { code, message } => cls.call1((*code, message.as_str()))?,
+            _ => cls.call1((msg.as_str(),))?,
+        };
+        Ok(PyErr::from_value(inst))
+    };
+    build().unwrap_or_else(|err| err)
+}
+
+/// Run `f` without the GIL. `f` gets an interrupt callback that briefly re-takes the GIL to
+/// run Python's signal handlers; if one raises (Ctrl-C), the wait ends with that exception.
+fn detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce(&mut dyn FnMut() -> Result<(), Error>) -> Result<T, Error> + Send,
+) -> PyResult<T> {
+    let mut stash: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let mut check = || {
+            Python::attach(|py| py.check_signals()).map_err(|e| {
+                stash = Some(e);
+                Error::Interrupted
+            })
+        };
+        f(&mut check)
+    });
+    result.map_err(|e| match (e, stash.take()) {
+        (Error::Interrupted, Some(err)) => err,
+        (e, _) => to_pyerr(py, e),
+    })
+}
+
+fn timeout_arg(t: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
+    match t {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) => Err(PyValueError::new_err(format!(
+            "{name} must be None or a finite number of seconds >= 0, got {s}"
+        ))),
+    }
+}
+
+fn limits_arg(max_nbytes: u64, max_tensors: u32, max_dims: u32) -> PyResult<Limits> {
+    Limits::new(max_tensors, max_dims, max_nbytes).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// The wire dtype of a numpy array (with an optional override, e.g. "bfloat16" for raw
+/// 2-byte words).
+fn wire_dtype(
+    descr: &Bound<'_, PyArrayDescr>,
+    index: usize,
+    over: Option<&str>,
+) -> PyResult<DType> {
+    let order = descr.byteorder();
+    if order == b'>' {
+        return Err(PyValueError::new_err(format!(
+            "tensor {index}: big-endian arrays are not supported; convert with arr.astype(arr.dtype.newbyteorder('<'))"
+        )));
+    }
+    let (kind, size) = (descr.kind(), descr.itemsize());
+    let natural = match (kind, size) {
+        (b'b', 1) => Some(DType::Bool),
+        (b'i', 1) => Some(DType::Int8),
+        (b'i', 2) => Some(DType::Int16),
+        (b'i', 4) => Some(DType::Int32),
+        (b'i', 8) => Some(DType::Int64),
+        (b'u', 1) => Some(DType::UInt8),
+        (b'u', 2) => Some(DType::UInt16),
+        (b'u', 4) => Some(DType::UInt32),
+        (b'u', 8) => Some(DType::UInt64),
+        (b'f', 2) => Some(DType::Float16),
+        (b'f', 4) => Some(DType::Float32),
+        (b'f', 8) => Some(DType::Float64),
+        _ => None,
+    };
+    match over {
+        None => natural.ok_or_else(|| {
+            PyTypeError::new_err(format!(
+                "tensor {index}: dtype {} is not supported (expected bool, int8-64, uint8-64, float16/32/64 or bfloat16)",
+                descr.str().map(|s| s.to_string()).unwrap_or_default()
+            ))
+        }),
+        Some(name) => {
+            let d = DType::from_name(name)
+                .ok_or_else(|| PyValueError::new_err(format!("tensor {index}: unknown dtype name {name:?}")))?;
+            if d.itemsize() != size as u64 || !matches!(kind, b'i' | b'u' | b'f' | b'b') {
+                return Err(PyValueError::new_err(format!(
+                    "tensor {index}: cannot send an array of {size}-byte items as {name}"
+                )));
+            }
+            Ok(d)
+        }
+    }
+}
+
+/// Borrowed views of a list of numpy arrays, ready to encode.
+struct Outgoing {
+    dtypes: Vec<DType>,
+    shapes: Vec<Vec<u64>>,
+    ptrs: Vec<(usize, usize)>,
+}
+
+impl Outgoing {
+    fn collect(
+        arrays: &[Bound<'_, PyAny>],
+        dtypes: Option<Vec<Option<String>>>,
+    ) -> PyResult<Outgoing> {
+        if let Some(d) = &dtypes {
+            if d.len() != arrays.len() {
+                return Err(PyValueError::new_err(format!(
+                    "dtypes has {} entries for {} arrays",
+                    d.len(),
+                    arrays.len()
+                )));
+            }
+        }
+        let mut out = Outgoing {
+            dtypes: Vec::with_capacity(arrays.len()),
+            shapes: Vec::with_capacity(arrays.len()),
+            ptrs: Vec::with_capacity(arrays.len()),
+        };
+        for (i, a) in arrays.iter().enumerate() {
+            let arr = a.cast::<PyUntypedArray>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "tensor {i}: expected a numpy.ndarray, got {}",
+                    a.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
+                ))
+            })?;
+            if !arr.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!(
+                    "tensor {i}: array is not C-contiguous (use numpy.ascontiguousarray)"
+                )));
+            }
+            let over = dtypes.as_ref().and_then(|d| d[i].clone());
+            let dt = wire_dtype(&arr.dtype(), i, over.as_deref())?;
+            let shape: Vec<u64> = arr.shape().iter().map(|&d| d as u64).collect();
+            let nbytes = arr.len() * arr.dtype().itemsize();
+            // SAFETY: `as_array_ptr` points at a live PyArrayObject (we hold a reference to it
+            // for as long as `Outgoing` is used); its `data` field is the array's buffer.
+            let data = unsafe { (*arr.as_array_ptr()).fields.data } as usize;
+            out.dtypes.push(dt);
+            out.shapes.push(shape);
+            out.ptrs.push((data, nbytes));
+        }
+        Ok(out)
+    }
+
+    fn refs(&self) -> Vec<TensorRef<'_>> {
+        (0..self.dtypes.len())
+            .map(|i| {
+                let (ptr, n) = self.ptrs[i];
+                let data: &[u8] = if n == 0 {
+                    &[]
+                } else {
+                    // SAFETY: (ptr, n) is the C-contiguous buffer of an ndarray that the caller
+                    // keeps referenced while these slices live. Another Python thread could
+                    // write to it concurrently (as with any numpy C routine that releases the
+                    // GIL); that is a data race in the user's program, not a memory-safety hole
+                    // here: we only read bytes.
+                    unsafe { std::slice::from_raw_parts(ptr as *const u8, n) }
+                };
+                TensorRef {
+                    dtype: self.dtypes[i],
+                    shape: &self.shapes[i],
+                    data,
+                }
+            })
+            .collect()
+    }
+}
+
+/// A received message. Its arrays are numpy views of the received buffer, which lives as
+/// long as any of them (each array's `base` is this object).
+#[pyclass(module = "sensai._core", name = "Message", frozen)]
+pub struct PyMessage {
+    msg: Message,
+    /// Start of the frame bytes, taken once so numpy may write through its views without
+    /// Rust ever holding a reference to the bytes at the same time.
+    data: SendPtr,
+}
+
+struct SendPtr(*mut u8);
+// SAFETY: the pointer is only dereferenced by numpy through views whose base keeps the
+// owning PyMessage alive; the buffer itself is plain heap memory usable from any thread.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above; Rust code never reads or writes through the pointer.
+unsafe impl Sync for SendPtr {}
+
+impl PyMessage {
+    fn new(mut msg: Message) -> PyMessage {
+        let data = SendPtr(msg.bytes_mut_ptr());
+        PyMessage { msg, data }
+    }
+}
+
+#[pymethods]
+impl PyMessage {
+    /// "request", "response", "error" or "control".
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.msg.meta().kind.name()
+    }
+    #[getter]
+    fn request_id(&self) -> u64 {
+        self.msg.meta().request_id
+    }
+    #[getter]
+    fn slot(&self) -> u32 {
+        self.msg.meta().slot
+    }
+    /// The 32-bit application tag of the header.
+    #[getter]
+    fn tag(&self) -> u32 {
+        self.msg.meta().app_tag
+    }
+    /// The 64-bit application value of the header.
+    #[getter]
+    fn value(&self) -> u64 {
+        self.msg.meta().app_value
+    }
+    /// Whether the sender passed a list (rather than one array).
+    #[getter]
+    fn is_list(&self) -> bool {
+        self.msg.meta().flags & FLAG_LIST != 0
+    }
+    /// Wire dtype names, one per tensor ("bfloat16" arrives as uint16 arrays).
+    #[getter]
+    fn dtypes(&self) -> Vec<&'static str> {
+        self.msg
+            .decoded()
+            .tensors
+            .iter()
+            .map(|t| t.dtype.name())
+            .collect()
+    }
+    /// Total frame size in bytes.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.msg.bytes().len()
+    }
+    fn __len__(&self) -> usize {
+        self.msg.decoded().tensors.len()
+    }
+    fn __repr__(&self) -> String {
+        let m = self.msg.meta();
+        format!(
+            "Message(kind={:?}, request_id={}, slot={}, tag={}, value={}, tensors={:?})",
+            m.kind.name(),
+            m.request_id,
+            m.slot,
+            m.app_tag,
+            m.app_value,
+            self.msg
+                .decoded()
+                .tensors
+                .iter()
+                .map(|t| format!("{}{:?}", t.dtype.name(), t.shape))
+                .collect::<Vec<_>>()
+        )
+    }
+
+    /// The tensors as numpy arrays viewing the message buffer (no copy).
+    fn arrays<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyList>> {
+        let py = slf.py();
+        let this = slf.get();
+        let list = PyList::empty(py);
+        for t in &this.msg.decoded().tensors {
+            let np_name = match t.dtype {
+                DType::BFloat16 => "uint16",
+                d => d.name(),
+            };
+            let descr = PyArrayDescr::new(py, np_name)?;
+            let mut dims: Vec<npy_intp> = t
+                .shape
+                .iter()
+                .map(|&d| npy_intp::try_from(d))
+                .collect::<Result<_, _>>()
+                .map_err(|_| PyValueError::new_err("dimension too large for this platform"))?;
+            // SAFETY: offset + nbytes <= frame length was checked by the decoder, so the
+            // pointer stays inside the buffer owned by `this`.
+            let data = unsafe { this.data.0.add(t.offset as usize) };
+            // SAFETY: we pass a valid descriptor (its reference is stolen), dims of length
+            // ndim, NULL strides (C order computed by numpy) and a data pointer that is aligned
+            // (64-byte aligned buffer, 64-byte aligned offsets) and valid for the array's
+            // size. The new array does not own the data; SetBaseObject makes it hold a
+            // reference to `slf`, which owns the buffer, so the buffer outlives the view.
+            let arr = unsafe {
+                let ptr = PY_ARRAY_API.PyArray_NewFromDescr(
+                    py,
+                    npyffi::get_type_object(py, npyffi::NpyTypes::PyArray_Type),
+                    descr.into_dtype_ptr(),
+                    dims.len() as std::os::raw::c_int,
+                    dims.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                    data as *mut c_void,
+                    NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE,
+                    std::ptr::null_mut(),
+                );
+                let arr = Bound::from_owned_ptr_or_err(py, ptr)?;
+                let base = slf.clone().into_any().unbind().into_ptr();
+                if PY_ARRAY_API.PyArray_SetBaseObject(
+                    py,
+                    arr.as_ptr() as *mut npyffi::PyArrayObject,
+                    base,
+                ) < 0
+                {
+                    return Err(PyErr::fetch(py));
+                }
+                arr
+            };
+            list.append(arr)?;
+        }
+        Ok(list)
+    }
+}
+
+fn kind_arg(kind: &str) -> PyResult<Kind> {
+    match kind {
+        "request" => Ok(Kind::Request),
+        "response" => Ok(Kind::Response),
+        "control" => Ok(Kind::Control),
+        other => Err(PyValueError::new_err(format!(
+            "kind must be 'request', 'response' or 'control', got {other:?}"
+        ))),
+    }
+}
+
+/// The server side of a transport (Unix socket or named pipes).
+#[pyclass(module = "sensai._core", name = "ServerEndpoint")]
+pub struct PyServer {
+    inner: Option<Box<dyn ServerEndpoint>>,
+    kind: &'static str,
+    path: String,
+}
+
+impl PyServer {
+    fn inner(&mut self) -> PyResult<&mut Box<dyn ServerEndpoint>> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| Python::attach(|py| to_pyerr(py, Error::Closed)))
+    }
+}
+
+#[pymethods]
+impl PyServer {
+    /// Listen on a Unix socket at `path`.
+    #[staticmethod]
+    #[pyo3(signature = (path, num_slots, max_nbytes = 268435456, max_tensors = 8, max_dims = 8))]
+    fn unix_socket(
+        py: Python<'_>,
+        path: String,
+        num_slots: usize,
+        max_nbytes: u64,
+        max_tensors: u32,
+        max_dims: u32,
+    ) -> PyResult<PyServer> {
+        let limits = limits_arg(max_nbytes, max_tensors, max_dims)?;
+        let p = path.clone();
+        let s = py
+            .detach(|| UdsServer::bind(&p, num_slots, limits))
+            .map_err(|e| to_pyerr(py, e))?;
+        Ok(PyServer {
+            inner: Some(Box::new(s)),
+            kind: "unix_socket",
+            path,
+        })
+    }
+
+    /// Serve through named pipes in the directory `path`.
+    #[staticmethod]
+    #[pyo3(signature = (path, num_slots, max_nbytes = 268435456, max_tensors = 8, max_dims = 8))]
+    fn named_pipe(
+        py: Python<'_>,
+        path: String,
+        num_slots: usize,
+        max_nbytes: u64,
+        max_tensors: u32,
+        max_dims: u32,
+    ) -> PyResult<PyServer> {
+        let limits = limits_arg(max_nbytes, max_tensors, max_dims)?;
+        let p = path.clone();
+        let s = py
+            .detach(|| FifoServer::bind(&p, num_slots, limits))
+            .map_err(|e| to_pyerr(py, e))?;
+        Ok(PyServer {
+            inner: Some(Box::new(s)),
+            kind: "named_pipe",
+            path,
+        })
+    }
+
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+    #[getter]
+    fn path(&self) -> String {
+        self.path.clone()
+    }
+    #[getter]
+    fn num_slots(&mut self) -> PyResult<usize> {
+        Ok(self.inner()?.num_slots())
+    }
+    /// `(max_tensors, max_dims, max_nbytes)`.
+    #[getter]
+    fn limits(&mut self) -> PyResult<(u32, u32, u64)> {
+        let l = *self.inner()?.limits();
+        Ok((l.max_tensors, l.max_dims, l.max_payload_bytes))
+    }
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// Block until requests are pending; returns their slots. `timeout=0` polls.
+    #[pyo3(signature = (timeout = None))]
+    fn wait_any(&mut self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<usize>> {
+        let t = timeout_arg(timeout, "timeout")?;
+        let inner = self.inner()?;
+        detached(py, |check| inner.wait_any(t, check))
+    }
+
+    fn is_ready_slot(&mut self, py: Python<'_>, slot_id: usize) -> PyResult<bool> {
+        let inner = self.inner()?;
+        py.detach(|| inner.is_ready_slot(slot_id))
+            .map_err(|e| to_pyerr(py, e))
+    }
+
+    fn is_connected(&mut self, slot_id: usize) -> PyResult<bool> {
+        Ok(self.inner()?.is_connected(slot_id))
+    }
+
+    /// The next request on `slot_id`, or None.
+    fn recv(&mut self, py: Python<'_>, slot_id: usize) -> PyResult<Option<PyMessage>> {
+        let inner = self.inner()?;
+        let m = py
+            .detach(|| inner.recv(slot_id))
+            .map_err(|e| to_pyerr(py, e))?;
+        Ok(m.map(PyMessage::new))
+    }
+
+    /// Answer the oldest unanswered request of `slot_id`.
+    #[pyo3(signature = (slot_id, arrays, dtypes = None, is_list = false, tag = 0, value = 0, kind = "response"))]
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        py: Python<'_>,
+        slot_id: usize,
+        arrays: Vec<Bound<'_, PyAny>>,
+        dtypes: Option<Vec<Option<String>>>,
+        is_list: bool,
+        tag: u32,
+        value: u64,
+        kind: &str,
+    ) -> PyResult<()> {
+        let kind = kind_arg(kind)?;
+        let out = Outgoing::collect(&arrays, dtypes)?;
+        let meta = Meta {
+            kind,
+            flags: if is_list { FLAG_LIST } else { 0 },
+            request_id: 0,
+            slot: 0,
+            app_tag: tag,
+            app_value: value,
+        };
+        let inner = self.inner()?;
+        py.detach(|| inner.send(slot_id, meta, &out.refs()))
+            .map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Answer the oldest unanswered request of `slot_id` with an error frame.
+    fn send_error(
+        &mut self,
+        py: Python<'_>,
+        slot_id: usize,
+        code: u32,
+        message: &str,
+    ) -> PyResult<()> {
+        let inner = self.inner()?;
+        py.detach(|| inner.send_error(slot_id, code, message))
+            .map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Stop serving and remove the transport's files. Idempotent.
+    fn close(&mut self) {
+        if let Some(mut s) = self.inner.take() {
+            s.close();
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ServerEndpoint(kind={:?}, path={:?}, closed={})",
+            self.kind,
+            self.path,
+            self.inner.is_none()
+        )
+    }
+}
+
+/// The client side of a transport, bound to one slot.
+#[pyclass(module = "sensai._core", name = "ClientEndpoint")]
+pub struct PyClient {
+    inner: Option<Box<dyn ClientEndpoint>>,
+    kind: &'static str,
+    path: String,
+    slot: usize,
+}
+
+impl PyClient {
+    fn inner(&mut self) -> PyResult<&mut Box<dyn ClientEndpoint>> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| Python::attach(|py| to_pyerr(py, Error::Closed)))
+    }
+}
+
+#[pymethods]
+impl PyClient {
+    /// Connect to a Unix-socket server and claim `slot_id` (None: any free slot).
+    #[staticmethod]
+    #[pyo3(signature = (path, slot_id = None, connect_timeout = Some(30.0)))]
+    fn unix_socket(
+        py: Python<'_>,
+        path: String,
+        slot_id: Option<usize>,
+        connect_timeout: Option<f64>,
+    ) -> PyResult<PyClient> {
+        let t = timeout_arg(connect_timeout, "connect_timeout")?;
+        let p = path.clone();
+        let c = detached(py, |check| UdsClient::connect(&p, slot_id, t, check))?;
+        let slot = c.slot();
+        Ok(PyClient {
+            inner: Some(Box::new(c)),
+            kind: "unix_socket",
+            path,
+            slot,
+        })
+    }
+
+    /// Lease `slot_id` (None: any free slot) of a named-pipe server.
+    #[staticmethod]
+    #[pyo3(signature = (path, slot_id = None, connect_timeout = Some(30.0)))]
+    fn named_pipe(
+        py: Python<'_>,
+        path: String,
+        slot_id: Option<usize>,
+        connect_timeout: Option<f64>,
+    ) -> PyResult<PyClient> {
+        let t = timeout_arg(connect_timeout, "connect_timeout")?;
+        let p = path.clone();
+        let c = detached(py, |check| FifoClient::connect(&p, slot_id, t, check))?;
+        let slot = c.slot();
+        Ok(PyClient {
+            inner: Some(Box::new(c)),
+            kind: "named_pipe",
+            path,
+            slot,
+        })
+    }
+
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+    #[getter]
+    fn path(&self) -> String {
+        self.path.clone()
+    }
+    #[getter]
+    fn slot_id(&self) -> usize {
+        self.slot
+    }
+    /// The server's `(max_tensors, max_dims, max_nbytes)`.
+    #[getter]
+    fn limits(&mut self) -> PyResult<(u32, u32, u64)> {
+        let l = *self.inner()?.limits();
+        Ok((l.max_tensors, l.max_dims, l.max_payload_bytes))
+    }
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// Send a request; returns its request id.
+    #[pyo3(signature = (arrays, dtypes = None, is_list = false, tag = 0, value = 0, kind = "request", timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        py: Python<'_>,
+        arrays: Vec<Bound<'_, PyAny>>,
+        dtypes: Option<Vec<Option<String>>>,
+        is_list: bool,
+        tag: u32,
+        value: u64,
+        kind: &str,
+        timeout: Option<f64>,
+    ) -> PyResult<u64> {
+        let kind = kind_arg(kind)?;
+        let t = timeout_arg(timeout, "timeout")?;
+        let out = Outgoing::collect(&arrays, dtypes)?;
+        let meta = Meta {
+            kind,
+            flags: if is_list { FLAG_LIST } else { 0 },
+            request_id: 0,
+            slot: 0,
+            app_tag: tag,
+            app_value: value,
+        };
+        let inner = self.inner()?;
+        detached(py, |check| inner.send(meta, &out.refs(), t, check))
+    }
+
+    fn is_ready(&mut self, py: Python<'_>) -> PyResult<bool> {
+        let inner = self.inner()?;
+        py.detach(|| inner.is_ready()).map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Receive the response to the oldest outstanding request.
+    #[pyo3(signature = (timeout = None))]
+    fn recv(&mut self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyMessage> {
+        let t = timeout_arg(timeout, "timeout")?;
+        let inner = self.inner()?;
+        detached(py, |check| inner.recv(t, check)).map(PyMessage::new)
+    }
+
+    /// Send a request and wait for its response (the timeout covers both).
+    #[pyo3(signature = (arrays, dtypes = None, is_list = false, tag = 0, value = 0, kind = "request", timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn request(
+        &mut self,
+        py: Python<'_>,
+        arrays: Vec<Bound<'_, PyAny>>,
+        dtypes: Option<Vec<Option<String>>>,
+        is_list: bool,
+        tag: u32,
+        value: u64,
+        kind: &str,
+        timeout: Option<f64>,
+    ) -> PyResult<PyMessage> {
+        let kind = kind_arg(kind)?;
+        let t = timeout_arg(timeout, "timeout")?;
+        let out = Outgoing::collect(&arrays, dtypes)?;
+        let meta = Meta {
+            kind,
+            flags: if is_list { FLAG_LIST } else { 0 },
+            request_id: 0,
+            slot: 0,
+            app_tag: tag,
+            app_value: value,
+        };
+        let inner = self.inner()?;
+        detached(py, |check| {
+            let deadline = crate::transport::Deadline::after(t);
+            inner.send(meta, &out.refs(), deadline.remaining(), check)?;
+            inner.recv(deadline.remaining(), check)
+        })
+        .map(PyMessage::new)
+    }
+
+    /// Release the slot and the connection. Idempotent.
+    fn close(&mut self) {
+        if let Some(mut c) = self.inner.take() {
+            c.close();
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ClientEndpoint(kind={:?}, path={:?}, slot_id={}, closed={})",
+            self.kind,
+            self.path,
+            self.slot,
+            self.inner.is_none()
+        )
+    }
+}
+
+#[pyfunction]
+fn dtype_names() -> Vec<&'static str> {
+    DType::ALL.iter().map(|d| d.name()).collect()
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("PROTOCOL_VERSION", frame::PROTOCOL_VERSION)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<PyMessage>()?;
+    m.add_class::<PyServer>()?;
+    m.add_class::<PyClient>()?;
+    m.add_function(wrap_pyfunction!(dtype_names, m)?)?;
+    let codes = pyo3::types::PyDict::new(m.py());
+    for (name, code) in [
+        ("BAD_REQUEST", frame::error_code::BAD_REQUEST),
+        ("PROTOCOL", frame::error_code::PROTOCOL),
+        ("CAPACITY", frame::error_code::CAPACITY),
+        ("INTERNAL", frame::error_code::INTERNAL),
+        ("UNAVAILABLE", frame::error_code::UNAVAILABLE),
+        ("ROLE", frame::error_code::ROLE),
+    ] {
+        codes.set_item(name, code)?;
+    }
+    m.add("ERROR_CODES", codes)?;
+    Ok(())
+}

@@ -1,0 +1,855 @@
+//! Named-pipe (FIFO) transport.
+//!
+//! The server owns a directory (mode 0700) holding, for each slot `i`, a request FIFO
+//! `slot<i>.req`, a response FIFO `slot<i>.resp` (both 0600) and a lease file
+//! `slot<i>.lock`, plus `server.lock`, which the server holds locked for its lifetime and
+//! which records its pid.
+//!
+//! A client leases a slot by taking `slot<i>.lock` with `flock` (released by the kernel
+//! when the client dies), opens the response FIFO for reading and the request FIFO for
+//! writing, and sends a HELLO; the server then opens the response FIFO for writing and
+//! acknowledges. From then on the slot carries framed requests and responses.
+//!
+//! * A client that goes away closes its end: the server sees end-of-file, drops any
+//!   half-received frame and readies the slot for the next client.
+//! * A server that goes away closes the response FIFO: the client sees a hang-up. As a
+//!   backstop, waiting clients also check the pid in `server.lock`.
+//! * Bytes that are not a valid frame make the server recreate that slot's FIFOs, so a
+//!   partial frame of a killed client can never be read as part of the next one.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::fs::{Mode, OFlags, CWD};
+
+use crate::error::{Error, IoContext, Result};
+use crate::frame::{self, control, error_code, DType, Kind, Limits, Meta, TensorRef};
+use crate::transport::lock::{pid_alive, read_pid, LockFile};
+use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
+use crate::transport::{
+    check_slot, hello_ack_values, parse_hello_ack, poll_fds, ClientEndpoint, Deadline, Interrupt,
+    Message, ServerEndpoint, HANDSHAKE_LIMITS,
+};
+
+const MAX_PENDING: usize = 8;
+/// Kernel buffer asked for each FIFO (the default is 64 KiB; Linux caps unprivileged
+/// requests at /proc/sys/fs/pipe-max-size, 1 MiB by default).
+const PIPE_SIZE: usize = 1 << 20;
+
+fn req_path(dir: &Path, slot: usize) -> PathBuf {
+    dir.join(format!("slot{slot}.req"))
+}
+fn resp_path(dir: &Path, slot: usize) -> PathBuf {
+    dir.join(format!("slot{slot}.resp"))
+}
+fn lease_path(dir: &Path, slot: usize) -> PathBuf {
+    dir.join(format!("slot{slot}.lock"))
+}
+fn server_lock_path(dir: &Path) -> PathBuf {
+    dir.join("server.lock")
+}
+
+fn open_fifo(path: &Path, write: bool) -> std::io::Result<File> {
+    let mut o = OpenOptions::new();
+    if write {
+        o.write(true);
+    } else {
+        o.read(true);
+    }
+    o.custom_flags((OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC).bits() as i32)
+        .open(path)
+        .and_then(|f| {
+            // Only ever talk through a real FIFO, never a file planted at the path.
+            if f.metadata()?.file_type().is_fifo() {
+                Ok(f)
+            } else {
+                Err(std::io::Error::new(ErrorKind::InvalidData, "not a FIFO"))
+            }
+        })
+}
+
+fn make_fifo(path: &Path) -> Result<()> {
+    rustix::fs::mkfifoat(CWD, path, Mode::from_raw_mode(0o600)).at("cannot create FIFO", path)?;
+    // mkfifo applies the umask; make the mode exactly 0600 regardless.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .at("cannot set mode of", path)
+}
+
+struct Slot {
+    req: File,
+    resp: Option<File>,
+    reader: FrameReader,
+    out: OutQueue,
+    connected: bool,
+    pending: VecDeque<Message>,
+    unanswered: VecDeque<u64>,
+}
+
+/// The server endpoint of the named-pipe transport.
+pub struct FifoServer {
+    dir: PathBuf,
+    limits: Limits,
+    slots: Vec<Slot>,
+    lock: Option<LockFile>,
+    created_dir: bool,
+    closed: bool,
+}
+
+impl FifoServer {
+    /// Create the pipe directory `dir` with `num_slots` slots.
+    pub fn bind(dir: impl AsRef<Path>, num_slots: usize, limits: Limits) -> Result<FifoServer> {
+        let dir = dir.as_ref().to_path_buf();
+        if num_slots == 0 || num_slots > 4096 {
+            return Err(Error::InvalidArgument(format!(
+                "num_slots must be in 1..=4096, got {num_slots}"
+            )));
+        }
+        let created_dir = match std::fs::DirBuilder::new().mode_0700().create(&dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                let m = std::fs::symlink_metadata(&dir).at("cannot inspect", &dir)?;
+                if !m.is_dir() {
+                    return Err(Error::Io {
+                        context: format!(
+                            "cannot serve on {}: the path exists and is not a directory",
+                            dir.display()
+                        ),
+                        source: std::io::Error::from(ErrorKind::AlreadyExists),
+                    });
+                }
+                if m.uid() != rustix::process::geteuid().as_raw() {
+                    return Err(Error::Io {
+                        context: format!(
+                            "cannot serve on {}: the directory belongs to another user",
+                            dir.display()
+                        ),
+                        source: std::io::Error::from(ErrorKind::PermissionDenied),
+                    });
+                }
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                    .at("cannot set mode of", &dir)?;
+                false
+            }
+            Err(e) => return Err(Error::io_path("cannot create pipe directory", &dir, e)),
+        };
+        let lock_p = server_lock_path(&dir);
+        let lock = match LockFile::try_acquire(&lock_p, true) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                return Err(Error::AddressInUse(format!(
+                    "cannot serve on {}: another server is running there (it holds {})",
+                    dir.display(),
+                    lock_p.display()
+                )))
+            }
+            Err(e) => {
+                if created_dir {
+                    let _ = std::fs::remove_dir(&dir);
+                }
+                return Err(e);
+            }
+        };
+        let mut srv = FifoServer {
+            dir,
+            limits,
+            slots: Vec::with_capacity(num_slots),
+            lock: Some(lock),
+            created_dir,
+            closed: false,
+        };
+        match srv.setup(num_slots) {
+            Ok(()) => Ok(srv),
+            Err(e) => {
+                srv.close();
+                Err(e)
+            }
+        }
+    }
+
+    fn setup(&mut self, num_slots: usize) -> Result<()> {
+        if let Some(l) = self.lock.as_mut() {
+            l.write_pid()?;
+        }
+        // Files of a dead server on this directory are replaced.
+        self.remove_slot_files(4096.max(num_slots));
+        for i in 0..num_slots {
+            self.slots.push(self.create_slot(i)?);
+        }
+        Ok(())
+    }
+
+    fn create_slot(&self, i: usize) -> Result<Slot> {
+        let (rq, rs) = (req_path(&self.dir, i), resp_path(&self.dir, i));
+        make_fifo(&rq)?;
+        make_fifo(&rs)?;
+        let lease = lease_path(&self.dir, i);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(OFlags::NOFOLLOW.bits() as i32)
+            .open(&lease)
+            .at("cannot create", &lease)?;
+        let req = open_fifo(&rq, false).at("cannot open", &rq)?;
+        let _ = rustix::pipe::fcntl_setpipe_size(&req, PIPE_SIZE);
+        Ok(Slot {
+            req,
+            resp: None,
+            reader: FrameReader::new(HANDSHAKE_LIMITS),
+            out: OutQueue::default(),
+            connected: false,
+            pending: VecDeque::new(),
+            unanswered: VecDeque::new(),
+        })
+    }
+
+    fn remove_slot_files(&self, upto: usize) {
+        for i in 0..upto {
+            let a = std::fs::remove_file(req_path(&self.dir, i)).is_ok();
+            let b = std::fs::remove_file(resp_path(&self.dir, i)).is_ok();
+            let c = std::fs::remove_file(lease_path(&self.dir, i)).is_ok();
+            if !(a || b || c) && i >= self.slots.len() {
+                break;
+            }
+        }
+    }
+
+    /// Forget the slot's session. With `recreate`, replace its FIFOs by new ones so that no
+    /// stray bytes of the old session can be read as part of the next.
+    fn reset_slot(&mut self, i: usize, recreate: bool) -> Result<()> {
+        let dir = self.dir.clone();
+        let s = &mut self.slots[i];
+        s.resp = None;
+        s.reader = FrameReader::new(HANDSHAKE_LIMITS);
+        s.out.clear();
+        s.connected = false;
+        s.pending.clear();
+        s.unanswered.clear();
+        let (rq, rs) = (req_path(&dir, i), resp_path(&dir, i));
+        if recreate {
+            let _ = std::fs::remove_file(&rq);
+            let _ = std::fs::remove_file(&rs);
+            make_fifo(&rq)?;
+            make_fifo(&rs)?;
+        }
+        // A fresh read end: the old one keeps reporting hang-up once its writer is gone.
+        let req = open_fifo(&rq, false).at("cannot open", &rq)?;
+        let _ = rustix::pipe::fcntl_setpipe_size(&req, PIPE_SIZE);
+        s.req = req;
+        Ok(())
+    }
+
+    fn handshake(&mut self, i: usize, msg: Message) -> Result<()> {
+        let m = *msg.meta();
+        if m.kind != Kind::Control || m.app_tag != control::HELLO || m.app_value != i as u64 {
+            return self.reset_slot(i, true);
+        }
+        // A new session on this slot (its previous client may have died unnoticed).
+        let rs = resp_path(&self.dir, i);
+        let resp = match open_fifo(&rs, true) {
+            Ok(f) => f,
+            // ENXIO: the client already closed its read end; wait for the next one.
+            Err(_) => return self.reset_slot(i, false),
+        };
+        let _ = rustix::pipe::fcntl_setpipe_size(&resp, PIPE_SIZE);
+        let limits = self.limits;
+        let vals = hello_ack_values(self.slots.len(), &limits);
+        let s = &mut self.slots[i];
+        s.resp = Some(resp);
+        s.out.clear();
+        s.pending.clear();
+        s.unanswered.clear();
+        s.connected = true;
+        s.reader.set_limits(limits);
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let meta = Meta {
+            kind: Kind::Control,
+            flags: 0,
+            request_id: m.request_id,
+            slot: i as u32,
+            app_tag: control::HELLO_ACK,
+            app_value: i as u64,
+        };
+        let t = [TensorRef {
+            dtype: DType::UInt64,
+            shape: &[5],
+            data: &bytes,
+        }];
+        if let Some(resp) = s.resp.as_mut() {
+            if let Flush::PeerGone =
+                stream::send_nonblocking(resp, &mut s.out, &meta, &t, &HANDSHAKE_LIMITS)?
+            {
+                return self.reset_slot(i, false);
+            }
+        }
+        Ok(())
+    }
+
+    fn service(&mut self, i: usize, readable: bool, writable: bool) -> Result<()> {
+        if writable {
+            let s = &mut self.slots[i];
+            if let Some(resp) = s.resp.as_mut() {
+                if s.out.flush(resp)? == Flush::PeerGone {
+                    return self.reset_slot(i, false);
+                }
+            }
+        }
+        if !readable {
+            return Ok(());
+        }
+        loop {
+            let s = &mut self.slots[i];
+            if s.pending.len() >= MAX_PENDING {
+                return Ok(());
+            }
+            match s.reader.read_from(&mut s.req) {
+                Ok(ReadStatus::Frame(msg)) => {
+                    let m = *msg.meta();
+                    if !s.connected || (m.kind == Kind::Control && m.app_tag == control::HELLO) {
+                        self.handshake(i, msg)?;
+                        continue;
+                    }
+                    if m.kind != Kind::Request && m.kind != Kind::Control {
+                        let text = format!(
+                            "a client may only send requests; got a {} frame",
+                            m.kind.name()
+                        );
+                        s.out.push(
+                            frame::encode_error(m.request_id, i as u32, error_code::ROLE, &text)
+                                .as_slice()
+                                .to_vec(),
+                        );
+                        continue;
+                    }
+                    s.unanswered.push_back(m.request_id);
+                    s.pending.push_back(msg);
+                }
+                Ok(ReadStatus::WouldBlock) => return Ok(()),
+                Ok(ReadStatus::Eof) => {
+                    // The client closed its end (or died): end the session.
+                    let partial = s.reader.in_progress();
+                    return self.reset_slot(i, partial);
+                }
+                Err(Error::Frame(e)) => {
+                    // Tell the client if we can, then start the slot over on new FIFOs.
+                    if let Some(resp) = s.resp.as_mut() {
+                        s.out.push(
+                            frame::encode_error(0, i as u32, error_code::PROTOCOL, &e.to_string())
+                                .as_slice()
+                                .to_vec(),
+                        );
+                        let _ = s.out.flush(resp);
+                    }
+                    return self.reset_slot(i, true);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn pump(&mut self, wait: Duration) -> Result<()> {
+        if self.closed {
+            return Err(Error::Closed);
+        }
+        let mut fds = Vec::with_capacity(2 * self.slots.len());
+        let mut owners = Vec::with_capacity(2 * self.slots.len());
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.pending.len() < MAX_PENDING {
+                fds.push(PollFd::new(&s.req, PollFlags::IN));
+                owners.push((i, true));
+            }
+            if let Some(resp) = &s.resp {
+                let ev = if s.out.is_empty() {
+                    PollFlags::empty()
+                } else {
+                    PollFlags::OUT
+                };
+                fds.push(PollFd::new(resp, ev));
+                owners.push((i, false));
+            }
+        }
+        poll_fds(&mut fds, wait)?;
+        let revents: Vec<PollFlags> = fds.iter().map(|f| f.revents()).collect();
+        drop(fds);
+        for (k, ev) in revents.iter().enumerate() {
+            if ev.is_empty() {
+                continue;
+            }
+            let (i, is_req) = owners[k];
+            if is_req {
+                self.service(i, true, false)?;
+            } else if ev.intersects(PollFlags::ERR | PollFlags::HUP) && !ev.contains(PollFlags::OUT)
+            {
+                // The client closed its read end: its session is over.
+                self.reset_slot(i, false)?;
+            } else {
+                self.service(i, false, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ready_slots(&self) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&i| !self.slots[i].pending.is_empty())
+            .collect()
+    }
+}
+
+trait DirBuilderExt2 {
+    fn mode_0700(&mut self) -> &mut Self;
+}
+impl DirBuilderExt2 for std::fs::DirBuilder {
+    fn mode_0700(&mut self) -> &mut Self {
+        std::os::unix::fs::DirBuilderExt::mode(self, 0o700)
+    }
+}
+
+impl ServerEndpoint for FifoServer {
+    fn num_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn wait_any(
+        &mut self,
+        timeout: Option<Duration>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<Vec<usize>> {
+        let deadline = Deadline::after(timeout);
+        loop {
+            let ready = self.ready_slots();
+            if !ready.is_empty() {
+                return Ok(ready);
+            }
+            self.pump(deadline.slice())?;
+            let ready = self.ready_slots();
+            if !ready.is_empty() {
+                return Ok(ready);
+            }
+            if timeout == Some(Duration::ZERO) {
+                return Ok(Vec::new());
+            }
+            interrupt()?;
+            if deadline.expired() {
+                return Err(deadline
+                    .timeout_error(format!("waiting for requests on {}", self.dir.display())));
+            }
+        }
+    }
+
+    fn is_ready_slot(&mut self, slot: usize) -> Result<bool> {
+        check_slot(slot, self.slots.len(), &self.dir)?;
+        self.pump(Duration::ZERO)?;
+        Ok(!self.slots[slot].pending.is_empty())
+    }
+
+    fn recv(&mut self, slot: usize) -> Result<Option<Message>> {
+        check_slot(slot, self.slots.len(), &self.dir)?;
+        if self.slots[slot].pending.is_empty() {
+            self.pump(Duration::ZERO)?;
+        }
+        Ok(self.slots[slot].pending.pop_front())
+    }
+
+    fn send(&mut self, slot: usize, mut meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
+        check_slot(slot, self.slots.len(), &self.dir)?;
+        let limits = self.limits;
+        let dir = self.dir.display().to_string();
+        let s = &mut self.slots[slot];
+        let resp = match (&mut s.resp, s.connected) {
+            (Some(r), true) => r,
+            _ => {
+                return Err(Error::PeerGone(format!(
+                    "no client holds slot {slot} of the server at {dir}"
+                )))
+            }
+        };
+        frame::layout(
+            &tensors
+                .iter()
+                .map(|t| frame::TensorSpec {
+                    dtype: t.dtype,
+                    shape: t.shape,
+                })
+                .collect::<Vec<_>>(),
+            &limits,
+        )
+        .map_err(|e| match e {
+            Error::Capacity(m) => Error::Capacity(format!("response on slot {slot} of {dir}: {m}")),
+            other => other,
+        })?;
+        meta.slot = slot as u32;
+        meta.request_id = s.unanswered.pop_front().unwrap_or(0);
+        match stream::send_nonblocking(resp, &mut s.out, &meta, tensors, &limits)? {
+            Flush::PeerGone => {
+                self.reset_slot(slot, false)?;
+                Err(Error::PeerGone(format!(
+                    "the client on slot {slot} of {dir} went away"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn send_error(&mut self, slot: usize, code: u32, message: &str) -> Result<()> {
+        check_slot(slot, self.slots.len(), &self.dir)?;
+        let dir = self.dir.display().to_string();
+        let s = &mut self.slots[slot];
+        let rid = s.unanswered.pop_front().unwrap_or(0);
+        let Some(resp) = s.resp.as_mut() else {
+            return Err(Error::PeerGone(format!(
+                "no client holds slot {slot} of the server at {dir}"
+            )));
+        };
+        s.out.push(
+            frame::encode_error(rid, slot as u32, code, message)
+                .as_slice()
+                .to_vec(),
+        );
+        if s.out.flush(resp)? == Flush::PeerGone {
+            self.reset_slot(slot, false)?;
+        }
+        Ok(())
+    }
+
+    fn is_connected(&self, slot: usize) -> bool {
+        slot < self.slots.len() && self.slots[slot].connected
+    }
+
+    fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let n = self.slots.len();
+        self.slots.clear();
+        self.remove_slot_files(n);
+        if let Some(lock) = self.lock.take() {
+            let _ = std::fs::remove_file(lock.path());
+        }
+        if self.created_dir
+            || std::fs::read_dir(&self.dir)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false)
+        {
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+}
+
+impl Drop for FifoServer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The client endpoint of the named-pipe transport.
+pub struct FifoClient {
+    dir: PathBuf,
+    slot: usize,
+    limits: Limits,
+    req: Option<File>,
+    resp: Option<File>,
+    _lease: Option<LockFile>,
+    reader: FrameReader,
+    next_id: u64,
+    outstanding: VecDeque<u64>,
+    server_pid: u32,
+}
+
+impl FifoClient {
+    /// Lease `slot` (or any free slot) of the server whose pipe directory is `dir`, waiting
+    /// up to `connect_timeout` for a server that is still starting.
+    pub fn connect(
+        dir: impl AsRef<Path>,
+        slot: Option<usize>,
+        connect_timeout: Option<Duration>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<FifoClient> {
+        let dir = dir.as_ref().to_path_buf();
+        let deadline = Deadline::after(connect_timeout);
+        loop {
+            match Self::try_connect(&dir, slot, &deadline, interrupt) {
+                Ok(c) => return Ok(c),
+                // The server is not there yet, or it restarted the slot under us.
+                Err(Error::PeerGone(m)) => {
+                    if deadline.expired() {
+                        return Err(Error::PeerGone(m));
+                    }
+                    interrupt()?;
+                    // No descriptor exists to wait on before the server creates its files.
+                    std::thread::sleep(deadline.slice().min(Duration::from_millis(10)));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn try_connect(
+        dir: &Path,
+        slot: Option<usize>,
+        deadline: &Deadline,
+        interrupt: Interrupt<'_>,
+    ) -> Result<FifoClient> {
+        let server_pid = read_pid(&server_lock_path(dir))
+            .filter(|p| pid_alive(*p))
+            .ok_or_else(|| Error::PeerGone(format!("no server is running on {}", dir.display())))?;
+        let (slot, lease) = match slot {
+            Some(s) => {
+                let p = lease_path(dir, s);
+                if !p.exists() {
+                    return Err(Error::InvalidArgument(format!(
+                        "slot {s} is out of range for the server at {}",
+                        dir.display()
+                    )));
+                }
+                match LockFile::try_acquire(&p, false)? {
+                    Some(l) => (s, l),
+                    None => {
+                        return Err(Error::Capacity(format!(
+                            "slot {s} of the server at {} is in use by another client",
+                            dir.display()
+                        )))
+                    }
+                }
+            }
+            None => {
+                let mut i = 0;
+                loop {
+                    let p = lease_path(dir, i);
+                    if !p.exists() {
+                        return Err(Error::Capacity(format!(
+                            "all {i} slots of the server at {} are in use",
+                            dir.display()
+                        )));
+                    }
+                    if let Some(l) = LockFile::try_acquire(&p, false)? {
+                        break (i, l);
+                    }
+                    i += 1;
+                }
+            }
+        };
+        let (rq, rs) = (req_path(dir, slot), resp_path(dir, slot));
+        let gone = |e: std::io::Error, p: &Path| {
+            Error::PeerGone(format!("cannot open {}: {e}", p.display()))
+        };
+        let resp = open_fifo(&rs, false).map_err(|e| gone(e, &rs))?;
+        // ENXIO here means no server holds the read end.
+        let req = open_fifo(&rq, true).map_err(|e| gone(e, &rq))?;
+        let mut c = FifoClient {
+            dir: dir.to_path_buf(),
+            slot,
+            limits: HANDSHAKE_LIMITS,
+            req: Some(req),
+            resp: Some(resp),
+            _lease: Some(lease),
+            reader: FrameReader::new(HANDSHAKE_LIMITS),
+            next_id: 1,
+            outstanding: VecDeque::new(),
+            server_pid,
+        };
+        let nonce = crate::transport::rand_u64();
+        let meta = Meta {
+            kind: Kind::Control,
+            flags: 0,
+            request_id: nonce,
+            slot: slot as u32,
+            app_tag: control::HELLO,
+            app_value: slot as u64,
+        };
+        let what = format!("connecting to slot {slot} of {}", dir.display());
+        // The handshake gets its own short deadline: if the server recreated the slot's
+        // FIFOs meanwhile, our HELLO went to the old ones and we start over.
+        let hs = Deadline::after(Some(
+            deadline
+                .remaining()
+                .unwrap_or(Duration::from_secs(2))
+                .min(Duration::from_secs(2)),
+        ));
+        let pid = server_pid;
+        let mut live = move || {
+            if pid_alive(pid) {
+                Ok(())
+            } else {
+                Err(Error::PeerGone(format!(
+                    "the server (pid {pid}) has exited"
+                )))
+            }
+        };
+        let req = c.req.as_mut().ok_or(Error::Closed)?;
+        stream::send_blocking(
+            req,
+            &meta,
+            &[],
+            &HANDSHAKE_LIMITS,
+            &hs,
+            interrupt,
+            &|| what.clone(),
+            &mut live,
+        )?;
+        let resp = c.resp.as_mut().ok_or(Error::Closed)?;
+        let msg = match stream::recv_blocking(
+            resp,
+            &mut c.reader,
+            &hs,
+            interrupt,
+            &|| what.clone(),
+            &mut live,
+        ) {
+            Ok(m) => m,
+            Err(Error::Timeout { .. }) => {
+                return Err(Error::PeerGone(format!(
+                    "{what}: the server did not acknowledge"
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        if msg.meta().request_id != nonce {
+            return Err(Error::PeerGone(format!("{what}: stale acknowledgement")));
+        }
+        let params = parse_hello_ack(&msg, dir)?;
+        c.limits = params.limits;
+        c.reader.set_limits(params.limits);
+        Ok(c)
+    }
+
+    fn what(&self) -> String {
+        format!("slot {} of {}", self.slot, self.dir.display())
+    }
+}
+
+impl ClientEndpoint for FifoClient {
+    fn slot(&self) -> usize {
+        self.slot
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn send(
+        &mut self,
+        mut meta: Meta,
+        tensors: &[TensorRef<'_>],
+        timeout: Option<Duration>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<u64> {
+        if meta.kind != Kind::Request && meta.kind != Kind::Control {
+            return Err(Error::Role(format!(
+                "a client can only send requests, not {} frames",
+                meta.kind.name()
+            )));
+        }
+        let what = self.what();
+        let pid = self.server_pid;
+        let req = self.req.as_mut().ok_or(Error::Closed)?;
+        let id = self.next_id;
+        meta.request_id = id;
+        meta.slot = self.slot as u32;
+        let deadline = Deadline::after(timeout);
+        let mut live = move || {
+            if pid_alive(pid) {
+                Ok(())
+            } else {
+                Err(Error::PeerGone(format!(
+                    "the server (pid {pid}) has exited"
+                )))
+            }
+        };
+        stream::send_blocking(
+            req,
+            &meta,
+            tensors,
+            &self.limits,
+            &deadline,
+            interrupt,
+            &|| format!("sending on {what}"),
+            &mut live,
+        )
+        .map_err(|e| match e {
+            Error::Capacity(m) => Error::Capacity(format!("request on {what}: {m}")),
+            other => other,
+        })?;
+        self.next_id += 1;
+        self.outstanding.push_back(id);
+        Ok(id)
+    }
+
+    fn is_ready(&mut self) -> Result<bool> {
+        let resp = self.resp.as_ref().ok_or(Error::Closed)?;
+        let mut fds = [PollFd::new(resp, PollFlags::IN)];
+        poll_fds(&mut fds, Duration::ZERO)?;
+        Ok(!fds[0].revents().is_empty())
+    }
+
+    fn recv(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
+        let what = self.what();
+        let pid = self.server_pid;
+        let resp = self.resp.as_mut().ok_or(Error::Closed)?;
+        let deadline = Deadline::after(timeout);
+        let mut live = move || {
+            if pid_alive(pid) {
+                Ok(())
+            } else {
+                Err(Error::PeerGone(format!(
+                    "the server (pid {pid}) has exited"
+                )))
+            }
+        };
+        let msg = stream::recv_blocking(
+            resp,
+            &mut self.reader,
+            &deadline,
+            interrupt,
+            &|| format!("waiting for a response on {what}"),
+            &mut live,
+        )?;
+        let m = *msg.meta();
+        if let Some(expected) = self.outstanding.front().copied() {
+            if m.request_id != expected && !(m.kind == Kind::Error && m.request_id == 0) {
+                return Err(Error::Protocol(format!(
+                    "response for request {} arrived while request {expected} was expected on {what}",
+                    m.request_id
+                )));
+            }
+            self.outstanding.pop_front();
+        }
+        if let Some(e) = msg.as_remote_error() {
+            return Err(e);
+        }
+        if m.kind != Kind::Response && m.kind != Kind::Control {
+            return Err(Error::Protocol(format!(
+                "expected a response on {what}, got a {} frame",
+                m.kind.name()
+            )));
+        }
+        Ok(msg)
+    }
+
+    fn close(&mut self) {
+        // Close the request end first so the server sees end-of-file, then release the lease.
+        self.req = None;
+        self.resp = None;
+        self._lease = None;
+    }
+}
+
+impl Drop for FifoClient {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

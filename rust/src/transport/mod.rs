@@ -1,0 +1,326 @@
+//! Transports: server and client endpoints with distinct roles.
+//!
+//! A server owns `num_slots` slots; each client holds exactly one slot (chosen by the
+//! caller or leased from the free ones) and can only send requests and receive
+//! responses on it. The server only receives requests and sends responses. Roles are
+//! separate types ([`ServerEndpoint`], [`ClientEndpoint`]), so a role violation is a
+//! compile error in Rust and a `RoleError` in the Python facade.
+//!
+//! Every blocking call takes a deadline (`None` = no deadline) and an interrupt callback
+//! that it calls at least every [`INTERRUPT_CHECK`] so that the embedding program (Python's
+//! Ctrl-C) can stop it; a vanished peer ends the wait with [`Error::PeerGone`].
+
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+
+use crate::error::{Error, Result};
+use crate::frame::{self, AlignedBuf, Decoded, Kind, Limits, Meta, TensorRef};
+
+pub mod fifo;
+pub(crate) mod lock;
+mod stream;
+pub mod uds;
+
+/// How often a blocking call returns to check the interrupt callback and peer liveness.
+pub const INTERRUPT_CHECK: Duration = Duration::from_millis(50);
+
+/// Called periodically during blocking waits; an `Err` aborts the wait with that error.
+pub type Interrupt<'a> = &'a mut dyn FnMut() -> Result<()>;
+
+/// An interrupt callback that never interrupts.
+pub fn no_interrupt() -> impl FnMut() -> Result<()> {
+    || Ok(())
+}
+
+/// A received, validated message. Its tensors are slices of [`Message::bytes`].
+#[derive(Debug)]
+pub struct Message {
+    buf: AlignedBuf,
+    decoded: Decoded,
+}
+
+impl Message {
+    pub(crate) fn new(buf: AlignedBuf, decoded: Decoded) -> Message {
+        Message { buf, decoded }
+    }
+
+    /// Start of the frame bytes, for handing the buffer to a foreign owner (numpy views).
+    /// Take it once, before any shared borrow of the bytes.
+    pub fn bytes_mut_ptr(&mut self) -> *mut u8 {
+        self.buf.as_mut_slice().as_mut_ptr()
+    }
+
+    /// The whole frame.
+    pub fn bytes(&self) -> &[u8] {
+        self.buf.as_slice()
+    }
+
+    pub fn meta(&self) -> &Meta {
+        &self.decoded.header.meta
+    }
+
+    pub fn decoded(&self) -> &Decoded {
+        &self.decoded
+    }
+
+    /// The bytes of tensor `i`.
+    pub fn tensor_bytes(&self, i: usize) -> Option<&[u8]> {
+        self.decoded
+            .tensors
+            .get(i)
+            .map(|t| &self.buf.as_slice()[t.range()])
+    }
+
+    /// If this is an error frame, the error it carries.
+    pub fn as_remote_error(&self) -> Option<Error> {
+        if self.meta().kind != Kind::Error {
+            return None;
+        }
+        let (code, message) = frame::error_parts(self.bytes(), &self.decoded);
+        Some(Error::Remote {
+            code,
+            message: message.to_owned(),
+        })
+    }
+}
+
+/// The server side of a transport.
+pub trait ServerEndpoint: Send + Sync {
+    /// Number of client slots.
+    fn num_slots(&self) -> usize;
+    /// The limits enforced on every message in both directions.
+    fn limits(&self) -> &Limits;
+    /// The filesystem path clients use to reach this server.
+    fn path(&self) -> &Path;
+    /// Block until at least one slot has a pending request and return those slots (in
+    /// increasing order). `Some(Duration::ZERO)` polls without blocking and may return an
+    /// empty list; any other expired timeout is an [`Error::Timeout`].
+    fn wait_any(
+        &mut self,
+        timeout: Option<Duration>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<Vec<usize>>;
+    /// Whether `slot` has a pending request (does non-blocking I/O first).
+    fn is_ready_slot(&mut self, slot: usize) -> Result<bool>;
+    /// The next pending request of `slot`, or `None`. Control frames of the transport
+    /// (handshakes) are handled inside and never returned.
+    fn recv(&mut self, slot: usize) -> Result<Option<Message>>;
+    /// Answer the oldest unanswered request of `slot` with a response (or `meta.kind`
+    /// Error/Control frame). `meta.request_id` and `meta.slot` are filled in. Never blocks:
+    /// what the client cannot take yet is sent later by `wait_any`/`is_ready_slot`.
+    fn send(&mut self, slot: usize, meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()>;
+    /// Answer the oldest unanswered request of `slot` with an error frame.
+    fn send_error(&mut self, slot: usize, code: u32, message: &str) -> Result<()>;
+    /// Whether a client currently holds `slot`.
+    fn is_connected(&self, slot: usize) -> bool;
+    /// Stop serving and remove every file this server created. Idempotent.
+    fn close(&mut self);
+}
+
+/// The client side of a transport, bound to one slot.
+pub trait ClientEndpoint: Send + Sync {
+    /// The slot this client holds.
+    fn slot(&self) -> usize;
+    /// The server's limits (learned in the handshake).
+    fn limits(&self) -> &Limits;
+    /// Send a request; returns its request id. Blocks only while the server's buffer is full.
+    fn send(
+        &mut self,
+        meta: Meta,
+        tensors: &[TensorRef<'_>],
+        timeout: Option<Duration>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<u64>;
+    /// Whether a response is ready to be received without blocking.
+    fn is_ready(&mut self) -> Result<bool>;
+    /// Receive the response to the oldest outstanding request. An error frame from the
+    /// server becomes [`Error::Remote`].
+    fn recv(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message>;
+    /// Release the slot and the connection. Idempotent.
+    fn close(&mut self);
+}
+
+/// A point in time after which a blocking call gives up.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    start: Instant,
+    end: Option<Instant>,
+}
+
+impl Deadline {
+    pub fn after(timeout: Option<Duration>) -> Deadline {
+        let start = Instant::now();
+        Deadline {
+            start,
+            end: timeout.map(|t| {
+                start
+                    .checked_add(t)
+                    .unwrap_or(start + Duration::from_secs(1 << 40))
+            }),
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        self.end.is_none()
+    }
+
+    /// Time left, `None` if unbounded.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.end
+            .map(|e| e.saturating_duration_since(Instant::now()))
+    }
+
+    pub fn expired(&self) -> bool {
+        matches!(self.end, Some(e) if Instant::now() >= e)
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// How long the next wait may last: the time left, at most `INTERRUPT_CHECK`.
+    pub fn slice(&self) -> Duration {
+        match self.remaining() {
+            Some(r) => r.min(INTERRUPT_CHECK),
+            None => INTERRUPT_CHECK,
+        }
+    }
+
+    pub fn timeout_error(&self, what: impl Into<String>) -> Error {
+        Error::timeout(what, self.elapsed())
+    }
+}
+
+/// `poll(2)` on a set of descriptors for at most `wait`. EINTR counts as a wake-up with
+/// nothing ready (the caller re-checks its interrupt callback).
+pub(crate) fn poll_fds(fds: &mut [PollFd<'_>], wait: Duration) -> Result<usize> {
+    let ts = Timespec {
+        tv_sec: wait.as_secs() as i64,
+        tv_nsec: i64::from(wait.subsec_nanos()),
+    };
+    match rustix::event::poll(fds, Some(&ts)) {
+        Ok(n) => Ok(n),
+        Err(rustix::io::Errno::INTR) => Ok(0),
+        Err(e) => Err(Error::io("poll", e)),
+    }
+}
+
+/// Wait until `fd` is ready for `events` (or reports an error/hang-up), the deadline
+/// passes, or the interrupt callback fails. `liveness` is called between slices to detect a
+/// dead peer that the descriptor alone cannot show.
+pub(crate) fn wait_fd(
+    fd: BorrowedFd<'_>,
+    events: PollFlags,
+    deadline: &Deadline,
+    interrupt: Interrupt<'_>,
+    what: &dyn Fn() -> String,
+    liveness: &mut dyn FnMut() -> Result<()>,
+) -> Result<PollFlags> {
+    loop {
+        let mut fds = [PollFd::from_borrowed_fd(fd, events)];
+        let n = poll_fds(&mut fds, deadline.slice())?;
+        if n > 0 {
+            return Ok(fds[0].revents());
+        }
+        interrupt()?;
+        liveness()?;
+        if deadline.expired() {
+            return Err(deadline.timeout_error(what()));
+        }
+    }
+}
+
+/// Check a slot index against the server's slot count.
+pub(crate) fn check_slot(slot: usize, num_slots: usize, path: &Path) -> Result<()> {
+    if slot >= num_slots {
+        return Err(Error::InvalidArgument(format!(
+            "slot {slot} is out of range for the server at {} (it has slots 0..{num_slots})",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The tensor of limits a server sends in its HELLO_ACK:
+/// `[num_slots, max_tensors, max_dims, max_payload_bytes, server_pid]`.
+pub(crate) fn hello_ack_values(num_slots: usize, limits: &Limits) -> [u64; 5] {
+    [
+        num_slots as u64,
+        u64::from(limits.max_tensors),
+        u64::from(limits.max_dims),
+        limits.max_payload_bytes,
+        u64::from(rustix::process::getpid().as_raw_nonzero().get() as u32),
+    ]
+}
+
+/// The server's parameters a client learns from HELLO_ACK.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ServerParams {
+    pub slot: usize,
+    pub limits: Limits,
+}
+
+pub(crate) fn parse_hello_ack(msg: &Message, path: &Path) -> Result<ServerParams> {
+    if let Some(e) = msg.as_remote_error() {
+        return Err(match e {
+            Error::Remote { code, message } if code == frame::error_code::UNAVAILABLE => {
+                Error::Capacity(message)
+            }
+            Error::Remote { code, message } if code == frame::error_code::ROLE => {
+                Error::Role(message)
+            }
+            other => other,
+        });
+    }
+    let m = msg.meta();
+    let bad = |why: &str| {
+        Error::Protocol(format!(
+            "the server at {} answered the handshake with {why}",
+            path.display()
+        ))
+    };
+    if m.kind != Kind::Control || m.app_tag != frame::control::HELLO_ACK {
+        return Err(bad("an unexpected frame"));
+    }
+    let t = &msg.decoded().tensors;
+    if t.len() != 1 || t[0].dtype != frame::DType::UInt64 || t[0].shape != [5] {
+        return Err(bad("a malformed acknowledgement"));
+    }
+    let b = msg.tensor_bytes(0).unwrap_or(&[]);
+    let v: Vec<u64> = b
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    let limits = Limits::new(
+        u32::try_from(v[1]).map_err(|_| bad("an invalid max_tensors"))?,
+        u32::try_from(v[2]).map_err(|_| bad("an invalid max_dims"))?,
+        v[3],
+    )
+    .map_err(|_| bad("invalid limits"))?;
+    if m.app_value >= v[0] {
+        return Err(bad("a slot outside its slot count"));
+    }
+    Ok(ServerParams {
+        slot: m.app_value as usize,
+        limits,
+    })
+}
+
+/// A random 64-bit value (handshake nonces, temporary names); not for cryptography.
+pub(crate) fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(u64::from(std::process::id()));
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish()
+}
+
+/// Limits wide enough to read any transport control frame (before the server's limits are known).
+pub(crate) const HANDSHAKE_LIMITS: Limits = Limits {
+    max_tensors: 1,
+    max_dims: 1,
+    max_payload_bytes: 1 << 17,
+};

@@ -1,0 +1,378 @@
+//! Machinery shared by the two stream transports (Unix sockets and named pipes):
+//! an incremental non-blocking frame reader, a queue of outgoing bytes, and a writer
+//! that sends a frame straight from the callers' tensor buffers.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::AsFd;
+
+use rustix::event::PollFlags;
+
+use crate::error::{Error, Result};
+use crate::frame::{
+    self, AlignedBuf, Header, Layout, Limits, Meta, TensorRef, TensorSpec, HEADER_LEN,
+};
+use crate::transport::{wait_fd, Deadline, Interrupt, Message};
+
+/// What one non-blocking read pass produced.
+#[derive(Debug)]
+pub(crate) enum ReadStatus {
+    Frame(Message),
+    WouldBlock,
+    /// The peer closed its end.
+    Eof,
+}
+
+/// Reassembles frames from a non-blocking byte stream. The header is validated before the
+/// body is allocated, so a hostile header cannot make us allocate past the limits.
+#[derive(Debug)]
+pub(crate) struct FrameReader {
+    limits: Limits,
+    header: [u8; HEADER_LEN],
+    got: usize,
+    body: Option<(AlignedBuf, Header)>,
+}
+
+fn is_would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+pub(crate) fn is_peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+impl FrameReader {
+    pub fn new(limits: Limits) -> FrameReader {
+        FrameReader {
+            limits,
+            header: [0; HEADER_LEN],
+            got: 0,
+            body: None,
+        }
+    }
+
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Whether part of a frame has been read.
+    pub fn in_progress(&self) -> bool {
+        self.got > 0
+    }
+
+    /// Read without blocking until one frame completes, the source would block, or it ends.
+    pub fn read_from<R: Read>(&mut self, src: &mut R) -> Result<ReadStatus> {
+        loop {
+            match &mut self.body {
+                None => {
+                    let n = match src.read(&mut self.header[self.got..]) {
+                        Ok(0) => return Ok(ReadStatus::Eof),
+                        Ok(n) => n,
+                        Err(e) if is_would_block(&e) => return Ok(ReadStatus::WouldBlock),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) if is_peer_gone(&e) => return Ok(ReadStatus::Eof),
+                        Err(e) => return Err(Error::io("read", e)),
+                    };
+                    self.got += n;
+                    if self.got == HEADER_LEN {
+                        let h = frame::decode_header(&self.header, &self.limits)?;
+                        // decode_header bounded total_len by the limits' frame size.
+                        let mut buf = AlignedBuf::zeroed(h.total_len as usize);
+                        buf.as_mut_slice()[..HEADER_LEN].copy_from_slice(&self.header);
+                        self.body = Some((buf, h));
+                    }
+                }
+                Some((buf, h)) => {
+                    let total = h.total_len as usize;
+                    if self.got < total {
+                        let n = match src.read(&mut buf.as_mut_slice()[self.got..total]) {
+                            Ok(0) => return Ok(ReadStatus::Eof),
+                            Ok(n) => n,
+                            Err(e) if is_would_block(&e) => return Ok(ReadStatus::WouldBlock),
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(e) if is_peer_gone(&e) => return Ok(ReadStatus::Eof),
+                            Err(e) => return Err(Error::io("read", e)),
+                        };
+                        self.got += n;
+                    }
+                    if self.got == total {
+                        self.got = 0;
+                        if let Some((buf, _)) = self.body.take() {
+                            let decoded = frame::decode(buf.as_slice(), &self.limits)?;
+                            return Ok(ReadStatus::Frame(Message::new(buf, decoded)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+static ZEROS: [u8; 64] = [0; 64];
+
+/// A frame laid out as a list of byte slices: the header and table, then each tensor's
+/// own bytes with zero padding between them. Writing it sends the tensors straight from
+/// the caller's buffers, with no intermediate copy.
+pub(crate) struct Segments<'a> {
+    parts: Vec<&'a [u8]>,
+    idx: usize,
+    off: usize,
+}
+
+/// Build the header/table prefix (everything before the first tensor) and the layout.
+pub(crate) fn frame_prefix(
+    meta: &Meta,
+    tensors: &[TensorRef<'_>],
+    limits: &Limits,
+) -> Result<(Vec<u8>, Layout)> {
+    let specs: Vec<TensorSpec<'_>> = tensors
+        .iter()
+        .map(|t| TensorSpec {
+            dtype: t.dtype,
+            shape: t.shape,
+        })
+        .collect();
+    let lay = frame::layout(&specs, limits)?;
+    for (i, t) in tensors.iter().enumerate() {
+        if t.data.len() as u64 != lay.nbytes[i] {
+            return Err(Error::InvalidArgument(format!(
+                "tensor {i}: {} data bytes given for shape {:?} of {} ({} expected)",
+                t.data.len(),
+                t.shape,
+                t.dtype.name(),
+                lay.nbytes[i]
+            )));
+        }
+    }
+    let prefix_len = lay.offsets.first().copied().unwrap_or(lay.total_len) as usize;
+    // Zero-initialised, so the padding after the table is already written.
+    let mut prefix = vec![0u8; prefix_len];
+    frame::write_header_table(&mut prefix, meta, &specs, &lay);
+    Ok((prefix, lay))
+}
+
+impl<'a> Segments<'a> {
+    pub fn new(prefix: &'a [u8], lay: &Layout, tensors: &[TensorRef<'a>]) -> Segments<'a> {
+        let mut parts = Vec::with_capacity(1 + 2 * tensors.len());
+        parts.push(prefix);
+        for (i, t) in tensors.iter().enumerate() {
+            if i > 0 {
+                let prev_end = lay.offsets[i - 1] + lay.nbytes[i - 1];
+                let pad = (lay.offsets[i] - prev_end) as usize;
+                if pad > 0 {
+                    parts.push(&ZEROS[..pad]);
+                }
+            }
+            if !t.data.is_empty() {
+                parts.push(t.data);
+            }
+        }
+        Segments {
+            parts,
+            idx: 0,
+            off: 0,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.idx >= self.parts.len()
+    }
+
+    /// Write as much as the destination takes now (one vectored write).
+    pub fn write_some<W: Write>(&mut self, dst: &mut W) -> io::Result<usize> {
+        let mut slices: Vec<IoSlice<'_>> =
+            Vec::with_capacity((self.parts.len() - self.idx).min(64));
+        for (k, p) in self.parts[self.idx..].iter().enumerate().take(64) {
+            slices.push(IoSlice::new(if k == 0 { &p[self.off..] } else { p }));
+        }
+        let n = dst.write_vectored(&slices)?;
+        self.advance(n);
+        Ok(n)
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 && self.idx < self.parts.len() {
+            let left = self.parts[self.idx].len() - self.off;
+            if n >= left {
+                n -= left;
+                self.idx += 1;
+                self.off = 0;
+            } else {
+                self.off += n;
+                n = 0;
+            }
+        }
+    }
+
+    /// The bytes not yet written, copied into one buffer.
+    pub fn rest(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        for (k, p) in self.parts[self.idx..].iter().enumerate() {
+            v.extend_from_slice(if k == 0 { &p[self.off..] } else { p });
+        }
+        v
+    }
+}
+
+/// Bytes queued for a peer that could not take them yet.
+#[derive(Debug, Default)]
+pub(crate) struct OutQueue {
+    q: VecDeque<(Vec<u8>, usize)>,
+}
+
+/// What a flush achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Flush {
+    Done,
+    Pending,
+    PeerGone,
+}
+
+impl OutQueue {
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.q.clear();
+    }
+
+    pub fn push(&mut self, bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            self.q.push_back((bytes, 0));
+        }
+    }
+
+    /// Write queued bytes without blocking.
+    pub fn flush<W: Write>(&mut self, dst: &mut W) -> Result<Flush> {
+        while let Some((buf, off)) = self.q.front_mut() {
+            match dst.write(&buf[*off..]) {
+                Ok(n) => {
+                    *off += n;
+                    if *off == buf.len() {
+                        self.q.pop_front();
+                    }
+                }
+                Err(e) if is_would_block(&e) => return Ok(Flush::Pending),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_peer_gone(&e) => return Ok(Flush::PeerGone),
+                Err(e) => return Err(Error::io("write", e)),
+            }
+        }
+        Ok(Flush::Done)
+    }
+}
+
+/// Send a frame without blocking: write what the peer takes now straight from the
+/// tensors, queue a copy of the rest. Returns `PeerGone` if the peer closed.
+pub(crate) fn send_nonblocking<W: Write>(
+    dst: &mut W,
+    queue: &mut OutQueue,
+    meta: &Meta,
+    tensors: &[TensorRef<'_>],
+    limits: &Limits,
+) -> Result<Flush> {
+    let (prefix, lay) = frame_prefix(meta, tensors, limits)?;
+    if !queue.is_empty() {
+        match queue.flush(dst)? {
+            Flush::Done => {}
+            Flush::PeerGone => return Ok(Flush::PeerGone),
+            Flush::Pending => {
+                let segs = Segments::new(&prefix, &lay, tensors);
+                queue.push(segs.rest());
+                return Ok(Flush::Pending);
+            }
+        }
+    }
+    let mut segs = Segments::new(&prefix, &lay, tensors);
+    while !segs.is_done() {
+        match segs.write_some(dst) {
+            Ok(_) => {}
+            Err(e) if is_would_block(&e) => {
+                queue.push(segs.rest());
+                return Ok(Flush::Pending);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_peer_gone(&e) => return Ok(Flush::PeerGone),
+            Err(e) => return Err(Error::io("write", e)),
+        }
+    }
+    Ok(Flush::Done)
+}
+
+/// Send a whole frame, blocking (in interruptible slices) while the peer's buffer is full.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn send_blocking<W: Write + AsFd>(
+    dst: &mut W,
+    meta: &Meta,
+    tensors: &[TensorRef<'_>],
+    limits: &Limits,
+    deadline: &Deadline,
+    interrupt: Interrupt<'_>,
+    what: &dyn Fn() -> String,
+    liveness: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    let (prefix, lay) = frame_prefix(meta, tensors, limits)?;
+    let mut segs = Segments::new(&prefix, &lay, tensors);
+    while !segs.is_done() {
+        match segs.write_some(dst) {
+            Ok(_) => {}
+            Err(e) if is_would_block(&e) => {
+                wait_fd(
+                    dst.as_fd(),
+                    PollFlags::OUT,
+                    deadline,
+                    interrupt,
+                    what,
+                    liveness,
+                )?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_peer_gone(&e) => {
+                return Err(Error::PeerGone(format!(
+                    "{}: the server closed the connection",
+                    what()
+                )))
+            }
+            Err(e) => return Err(Error::io(what(), e)),
+        }
+    }
+    Ok(())
+}
+
+/// Receive one frame, blocking (in interruptible slices) until it is complete.
+pub(crate) fn recv_blocking<R: Read + AsFd>(
+    src: &mut R,
+    reader: &mut FrameReader,
+    deadline: &Deadline,
+    interrupt: Interrupt<'_>,
+    what: &dyn Fn() -> String,
+    liveness: &mut dyn FnMut() -> Result<()>,
+) -> Result<Message> {
+    loop {
+        match reader.read_from(src)? {
+            ReadStatus::Frame(m) => return Ok(m),
+            ReadStatus::Eof => {
+                return Err(Error::PeerGone(format!(
+                    "{}: the server closed the connection",
+                    what()
+                )))
+            }
+            ReadStatus::WouldBlock => {
+                wait_fd(
+                    src.as_fd(),
+                    PollFlags::IN,
+                    deadline,
+                    interrupt,
+                    what,
+                    liveness,
+                )?;
+            }
+        }
+    }
+}

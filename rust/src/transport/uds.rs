@@ -1,0 +1,841 @@
+//! Unix-domain-socket transport.
+//!
+//! The server listens on a socket file (mode 0600) and accepts connections only from its
+//! own user (SO_PEERCRED). Each connection claims one slot with a HELLO control frame
+//! (a given slot, or any free one) and keeps it until it closes, so a client process that
+//! dies frees its slot at once. A lock file `<path>.lock` marks the path as owned by a
+//! live server: a second server refuses to start, a stale socket of a dead one is replaced.
+//!
+//! The server never blocks on one client: sockets are non-blocking, and a response the
+//! client cannot take yet is queued and finished by later `wait_any` calls.
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags};
+
+use crate::error::{Error, IoContext, Result};
+use crate::frame::{self, control, error_code, DType, Kind, Limits, Meta, TensorRef};
+use crate::transport::lock::LockFile;
+use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
+use crate::transport::{
+    check_slot, hello_ack_values, parse_hello_ack, poll_fds, rand_u64, ClientEndpoint, Deadline,
+    Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+};
+
+/// Most requests a server reads ahead on one slot before it stops reading that client.
+const MAX_PENDING: usize = 8;
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+struct Conn {
+    stream: UnixStream,
+    reader: FrameReader,
+    out: OutQueue,
+    slot: Option<usize>,
+    pending: VecDeque<Message>,
+    unanswered: VecDeque<u64>,
+    /// Close once the queued bytes are sent (a refused handshake).
+    closing: bool,
+    dead: bool,
+}
+
+/// The server endpoint of the Unix-socket transport.
+pub struct UdsServer {
+    path: PathBuf,
+    limits: Limits,
+    num_slots: usize,
+    listener: Option<UnixListener>,
+    lock: Option<LockFile>,
+    conns: Vec<Conn>,
+    /// For each slot, the index in `conns` of the connection holding it.
+    slots: Vec<Option<usize>>,
+    uid: u32,
+    refused_peers: u64,
+}
+
+fn check_parent(path: &Path) -> Result<&Path> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(parent) {
+        Ok(m) if m.is_dir() => Ok(parent),
+        Ok(_) => Err(Error::InvalidArgument(format!(
+            "cannot create {}: {} is not a directory",
+            path.display(),
+            parent.display()
+        ))),
+        Err(e) => Err(Error::io_path(
+            "cannot create socket: no directory",
+            parent,
+            e,
+        )),
+    }
+}
+
+impl UdsServer {
+    /// Listen on `path` with `num_slots` client slots.
+    pub fn bind(path: impl AsRef<Path>, num_slots: usize, limits: Limits) -> Result<UdsServer> {
+        let path = path.as_ref().to_path_buf();
+        if num_slots == 0 || num_slots > 4096 {
+            return Err(Error::InvalidArgument(format!(
+                "num_slots must be in 1..=4096, got {num_slots}"
+            )));
+        }
+        let parent = check_parent(&path)?.to_path_buf();
+        let lock_p = lock_path(&path);
+        let mut lock = LockFile::try_acquire(&lock_p, true)?.ok_or_else(|| {
+            Error::AddressInUse(format!(
+                "cannot serve on {}: another server is running there (it holds {})",
+                path.display(),
+                lock_p.display()
+            ))
+        })?;
+        lock.write_pid()?;
+        // A stale socket of a dead server is replaced; anything else is not ours to remove.
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_socket() => {
+                std::fs::remove_file(&path).at("cannot remove stale socket", &path)?;
+            }
+            Ok(_) => {
+                let _ = std::fs::remove_file(&lock_p);
+                return Err(Error::Io {
+                    context: format!("cannot serve on {}: the path exists and is not a socket; refusing to replace it", path.display()),
+                    source: std::io::Error::from(ErrorKind::AlreadyExists),
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io_path("cannot inspect", &path, e)),
+        }
+        // Bind inside a private directory, restrict the mode, then rename into place, so the
+        // socket is never reachable with a wider mode.
+        let tmpdir = parent.join(format!(".sensai-{}-{:x}", std::process::id(), rand_u64()));
+        std::fs::DirBuilder::new()
+            .mode_0700()
+            .create(&tmpdir)
+            .at("cannot create temporary directory", &tmpdir)?;
+        let tmp_sock = tmpdir.join("s");
+        let result = (|| {
+            let listener = UnixListener::bind(&tmp_sock).at("cannot bind socket", &tmp_sock)?;
+            std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))
+                .at("cannot set mode of", &tmp_sock)?;
+            std::fs::rename(&tmp_sock, &path).at("cannot move socket to", &path)?;
+            Ok(listener)
+        })();
+        let _ = std::fs::remove_file(&tmp_sock);
+        let _ = std::fs::remove_dir(&tmpdir);
+        let listener = match result {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_file(&lock_p);
+                return Err(e);
+            }
+        };
+        listener
+            .set_nonblocking(true)
+            .at("cannot configure", &path)?;
+        Ok(UdsServer {
+            path,
+            limits,
+            num_slots,
+            listener: Some(listener),
+            lock: Some(lock),
+            conns: Vec::new(),
+            slots: vec![None; num_slots],
+            uid: rustix::process::geteuid().as_raw(),
+            refused_peers: 0,
+        })
+    }
+
+    /// Connections refused because the peer ran as another user.
+    pub fn refused_peers(&self) -> u64 {
+        self.refused_peers
+    }
+
+    fn accept_all(&mut self) -> Result<()> {
+        let Some(listener) = &self.listener else {
+            return Err(Error::Closed);
+        };
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let cred = rustix::net::sockopt::socket_peercred(&stream);
+                    match cred {
+                        Ok(c) if c.uid.as_raw() == self.uid => {}
+                        _ => {
+                            self.refused_peers += 1;
+                            continue; // dropped: closed
+                        }
+                    }
+                    stream
+                        .set_nonblocking(true)
+                        .at("cannot configure connection on", &self.path)?;
+                    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&stream, 4 << 20);
+                    self.conns.push(Conn {
+                        stream,
+                        reader: FrameReader::new(HANDSHAKE_LIMITS),
+                        out: OutQueue::default(),
+                        slot: None,
+                        pending: VecDeque::new(),
+                        unanswered: VecDeque::new(),
+                        closing: false,
+                        dead: false,
+                    });
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // Per-connection failures (ECONNABORTED, EMFILE...) must not stop the server.
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    fn handshake(&mut self, ci: usize, msg: Message) {
+        let m = *msg.meta();
+        let conn_ok = m.kind == Kind::Control && m.app_tag == control::HELLO;
+        let reply_err = |conn: &mut Conn, code: u32, text: String| {
+            conn.out.push(
+                frame::encode_error(m.request_id, 0, code, &text)
+                    .as_slice()
+                    .to_vec(),
+            );
+            conn.closing = true;
+        };
+        if !conn_ok {
+            let conn = &mut self.conns[ci];
+            reply_err(
+                conn,
+                error_code::PROTOCOL,
+                "expected a HELLO control frame first".into(),
+            );
+            return;
+        }
+        let slot = if m.app_value == control::ANY_SLOT {
+            match self.slots.iter().position(|s| s.is_none()) {
+                Some(s) => s,
+                None => {
+                    let n = self.num_slots;
+                    let p = self.path.display().to_string();
+                    reply_err(
+                        &mut self.conns[ci],
+                        error_code::UNAVAILABLE,
+                        format!("all {n} slots of the server at {p} are in use"),
+                    );
+                    return;
+                }
+            }
+        } else if m.app_value >= self.num_slots as u64 {
+            let (n, p) = (self.num_slots, self.path.display().to_string());
+            reply_err(
+                &mut self.conns[ci],
+                error_code::ROLE,
+                format!(
+                    "slot {} is out of range for the server at {p} (it has slots 0..{n})",
+                    m.app_value
+                ),
+            );
+            return;
+        } else if self.slots[m.app_value as usize].is_some() {
+            let p = self.path.display().to_string();
+            reply_err(
+                &mut self.conns[ci],
+                error_code::UNAVAILABLE,
+                format!(
+                    "slot {} of the server at {p} is in use by another client",
+                    m.app_value
+                ),
+            );
+            return;
+        } else {
+            m.app_value as usize
+        };
+        self.slots[slot] = Some(ci);
+        let limits = self.limits;
+        let conn = &mut self.conns[ci];
+        conn.slot = Some(slot);
+        conn.reader.set_limits(limits);
+        let vals = hello_ack_values(self.num_slots, &limits);
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let meta = Meta {
+            kind: Kind::Control,
+            flags: 0,
+            request_id: m.request_id,
+            slot: slot as u32,
+            app_tag: control::HELLO_ACK,
+            app_value: slot as u64,
+        };
+        let t = [TensorRef {
+            dtype: DType::UInt64,
+            shape: &[5],
+            data: &bytes,
+        }];
+        match stream::send_nonblocking(
+            &mut conn.stream,
+            &mut conn.out,
+            &meta,
+            &t,
+            &HANDSHAKE_LIMITS,
+        ) {
+            Ok(Flush::PeerGone) | Err(_) => conn.dead = true,
+            Ok(_) => {}
+        }
+    }
+
+    /// Non-blocking I/O on every connection; `readable`/`writable` come from poll, or all
+    /// true when called without polling.
+    fn service(&mut self, ci: usize, readable: bool, writable: bool) {
+        if writable && !self.conns[ci].out.is_empty() {
+            let conn = &mut self.conns[ci];
+            match conn.out.flush(&mut conn.stream) {
+                Ok(Flush::Done) if conn.closing => conn.dead = true,
+                Ok(Flush::PeerGone) | Err(_) => conn.dead = true,
+                _ => {}
+            }
+        }
+        if !readable {
+            return;
+        }
+        loop {
+            let conn = &mut self.conns[ci];
+            if conn.dead || conn.closing || conn.pending.len() >= MAX_PENDING {
+                return;
+            }
+            let status = conn.reader.read_from(&mut conn.stream);
+            match status {
+                Ok(ReadStatus::Frame(msg)) => {
+                    if conn.slot.is_none() {
+                        self.handshake(ci, msg);
+                        continue;
+                    }
+                    let slot = conn.slot.unwrap_or(0);
+                    let m = *msg.meta();
+                    if m.kind != Kind::Request && m.kind != Kind::Control {
+                        let text = format!(
+                            "a client may only send requests; got a {} frame",
+                            m.kind.name()
+                        );
+                        conn.out.push(
+                            frame::encode_error(m.request_id, slot as u32, error_code::ROLE, &text)
+                                .as_slice()
+                                .to_vec(),
+                        );
+                        continue;
+                    }
+                    conn.unanswered.push_back(m.request_id);
+                    conn.pending.push_back(msg);
+                }
+                Ok(ReadStatus::WouldBlock) => return,
+                Ok(ReadStatus::Eof) => {
+                    conn.dead = true;
+                    return;
+                }
+                Err(e) => {
+                    // A malformed frame: tell the client why, then drop the connection.
+                    let slot = conn.slot.unwrap_or(0) as u32;
+                    conn.out.push(
+                        frame::encode_error(0, slot, error_code::PROTOCOL, &e.to_string())
+                            .as_slice()
+                            .to_vec(),
+                    );
+                    let _ = conn.out.flush(&mut conn.stream);
+                    conn.dead = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drop dead connections and free their slots.
+    fn reap(&mut self) {
+        if !self.conns.iter().any(|c| c.dead) {
+            return;
+        }
+        let old = std::mem::take(&mut self.conns);
+        for s in self.slots.iter_mut() {
+            *s = None;
+        }
+        for c in old.into_iter().filter(|c| !c.dead) {
+            if let Some(s) = c.slot {
+                self.slots[s] = Some(self.conns.len());
+            }
+            self.conns.push(c);
+        }
+    }
+
+    /// One round of non-blocking I/O on everything, polling for at most `wait`.
+    fn pump(&mut self, wait: Duration) -> Result<()> {
+        let listener = self.listener.as_ref().ok_or(Error::Closed)?;
+        let mut fds = Vec::with_capacity(1 + self.conns.len());
+        fds.push(PollFd::new(listener, PollFlags::IN));
+        for c in &self.conns {
+            let mut ev = PollFlags::empty();
+            if c.pending.len() < MAX_PENDING && !c.closing {
+                ev |= PollFlags::IN;
+            }
+            if !c.out.is_empty() {
+                ev |= PollFlags::OUT;
+            }
+            fds.push(PollFd::new(&c.stream, ev));
+        }
+        poll_fds(&mut fds, wait)?;
+        let revents: Vec<PollFlags> = fds.iter().map(|f| f.revents()).collect();
+        drop(fds);
+        let err = PollFlags::ERR | PollFlags::HUP;
+        for (ci, ev) in revents[1..].iter().enumerate() {
+            if ev.is_empty() {
+                continue;
+            }
+            self.service(
+                ci,
+                ev.intersects(PollFlags::IN | err),
+                ev.intersects(PollFlags::OUT | err),
+            );
+        }
+        if revents[0].contains(PollFlags::IN) {
+            let before = self.conns.len();
+            self.accept_all()?;
+            // Read the HELLO that usually arrives with the connection.
+            for ci in before..self.conns.len() {
+                self.service(ci, true, false);
+            }
+        }
+        self.reap();
+        Ok(())
+    }
+
+    fn ready_slots(&self) -> Vec<usize> {
+        (0..self.num_slots)
+            .filter(|&s| matches!(self.slots[s], Some(ci) if !self.conns[ci].pending.is_empty()))
+            .collect()
+    }
+
+    fn conn_of(&mut self, slot: usize) -> Result<Option<&mut Conn>> {
+        check_slot(slot, self.num_slots, &self.path)?;
+        Ok(match self.slots[slot] {
+            Some(ci) => Some(&mut self.conns[ci]),
+            None => None,
+        })
+    }
+}
+
+trait DirBuilderExt2 {
+    fn mode_0700(&mut self) -> &mut Self;
+}
+impl DirBuilderExt2 for std::fs::DirBuilder {
+    fn mode_0700(&mut self) -> &mut Self {
+        std::os::unix::fs::DirBuilderExt::mode(self, 0o700)
+    }
+}
+
+impl ServerEndpoint for UdsServer {
+    fn num_slots(&self) -> usize {
+        self.num_slots
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn wait_any(
+        &mut self,
+        timeout: Option<Duration>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<Vec<usize>> {
+        let deadline = Deadline::after(timeout);
+        loop {
+            let ready = self.ready_slots();
+            if !ready.is_empty() {
+                return Ok(ready);
+            }
+            self.pump(deadline.slice())?;
+            let ready = self.ready_slots();
+            if !ready.is_empty() {
+                return Ok(ready);
+            }
+            if timeout == Some(Duration::ZERO) {
+                return Ok(Vec::new());
+            }
+            interrupt()?;
+            if deadline.expired() {
+                return Err(deadline
+                    .timeout_error(format!("waiting for requests on {}", self.path.display())));
+            }
+        }
+    }
+
+    fn is_ready_slot(&mut self, slot: usize) -> Result<bool> {
+        check_slot(slot, self.num_slots, &self.path)?;
+        self.pump(Duration::ZERO)?;
+        Ok(matches!(self.conn_of(slot)?, Some(c) if !c.pending.is_empty()))
+    }
+
+    fn recv(&mut self, slot: usize) -> Result<Option<Message>> {
+        check_slot(slot, self.num_slots, &self.path)?;
+        if !matches!(self.conn_of(slot)?, Some(c) if !c.pending.is_empty()) {
+            self.pump(Duration::ZERO)?;
+        }
+        Ok(self.conn_of(slot)?.and_then(|c| c.pending.pop_front()))
+    }
+
+    fn send(&mut self, slot: usize, mut meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
+        let limits = self.limits;
+        let path = self.path.clone();
+        let conn = self.conn_of(slot)?.ok_or_else(|| {
+            Error::PeerGone(format!(
+                "no client holds slot {slot} of the server at {}",
+                path.display()
+            ))
+        })?;
+        meta.slot = slot as u32;
+        meta.request_id = conn.unanswered.front().copied().unwrap_or(0);
+        // Validate before consuming the request id, so a too-large response can still be
+        // answered with an error frame.
+        frame::layout(
+            &tensors
+                .iter()
+                .map(|t| frame::TensorSpec {
+                    dtype: t.dtype,
+                    shape: t.shape,
+                })
+                .collect::<Vec<_>>(),
+            &limits,
+        )
+        .map_err(|e| match e {
+            Error::Capacity(m) => Error::Capacity(format!(
+                "response on slot {slot} of {}: {m}",
+                path.display()
+            )),
+            other => other,
+        })?;
+        conn.unanswered.pop_front();
+        match stream::send_nonblocking(&mut conn.stream, &mut conn.out, &meta, tensors, &limits)? {
+            Flush::PeerGone => {
+                conn.dead = true;
+                self.reap();
+                Err(Error::PeerGone(format!(
+                    "the client on slot {slot} of {} went away",
+                    path.display()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn send_error(&mut self, slot: usize, code: u32, message: &str) -> Result<()> {
+        let path = self.path.clone();
+        let conn = self.conn_of(slot)?.ok_or_else(|| {
+            Error::PeerGone(format!(
+                "no client holds slot {slot} of the server at {}",
+                path.display()
+            ))
+        })?;
+        let rid = conn.unanswered.pop_front().unwrap_or(0);
+        let buf = frame::encode_error(rid, slot as u32, code, message);
+        conn.out.push(buf.as_slice().to_vec());
+        if conn.out.flush(&mut conn.stream)? == Flush::PeerGone {
+            conn.dead = true;
+            self.reap();
+        }
+        Ok(())
+    }
+
+    fn is_connected(&self, slot: usize) -> bool {
+        slot < self.num_slots && self.slots[slot].is_some()
+    }
+
+    fn close(&mut self) {
+        self.conns.clear();
+        for s in self.slots.iter_mut() {
+            *s = None;
+        }
+        if self.listener.take().is_some() {
+            // Remove the socket only if it is still ours (not replaced by another server).
+            let _ = std::fs::remove_file(&self.path);
+        }
+        if let Some(lock) = self.lock.take() {
+            let _ = std::fs::remove_file(lock.path());
+        }
+    }
+}
+
+impl Drop for UdsServer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The client endpoint of the Unix-socket transport.
+pub struct UdsClient {
+    path: PathBuf,
+    stream: Option<UnixStream>,
+    reader: FrameReader,
+    slot: usize,
+    limits: Limits,
+    next_id: u64,
+    outstanding: VecDeque<u64>,
+}
+
+impl UdsClient {
+    /// Connect to the server at `path` and claim `slot` (or any free slot), waiting up to
+    /// `connect_timeout` for a server that is still starting.
+    pub fn connect(
+        path: impl AsRef<Path>,
+        slot: Option<usize>,
+        connect_timeout: Option<Duration>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<UdsClient> {
+        let path = path.as_ref().to_path_buf();
+        let deadline = Deadline::after(connect_timeout);
+        let stream = loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused)
+                        && !deadline.expired() =>
+                {
+                    interrupt()?;
+                    // The server is not up yet. Its socket appears by an atomic rename, and
+                    // there is no descriptor to wait on before it exists, so retry on a short
+                    // period within the connect timeout.
+                    std::thread::sleep(deadline.slice().min(Duration::from_millis(10)));
+                }
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) =>
+                {
+                    return Err(Error::PeerGone(format!(
+                        "no server is listening on {} (waited {:.1}s): {e}",
+                        path.display(),
+                        deadline.elapsed().as_secs_f64()
+                    )))
+                }
+                Err(e) => return Err(Error::io_path("cannot connect to", &path, e)),
+            }
+        };
+        stream.set_nonblocking(true).at("cannot configure", &path)?;
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&stream, 4 << 20);
+        let nonce = rand_u64();
+        let mut c = UdsClient {
+            path,
+            stream: Some(stream),
+            reader: FrameReader::new(HANDSHAKE_LIMITS),
+            slot: 0,
+            limits: HANDSHAKE_LIMITS,
+            next_id: 1,
+            outstanding: VecDeque::new(),
+        };
+        let meta = Meta {
+            kind: Kind::Control,
+            flags: 0,
+            request_id: nonce,
+            slot: 0,
+            app_tag: control::HELLO,
+            app_value: slot.map(|s| s as u64).unwrap_or(control::ANY_SLOT),
+        };
+        let what = || format!("connecting to {}", c.path.display());
+        let what_s = what();
+        let stream = c.stream.as_mut().ok_or(Error::Closed)?;
+        stream::send_blocking(
+            stream,
+            &meta,
+            &[],
+            &HANDSHAKE_LIMITS,
+            &deadline,
+            interrupt,
+            &|| what_s.clone(),
+            &mut || Ok(()),
+        )?;
+        let msg = stream::recv_blocking(
+            stream,
+            &mut c.reader,
+            &deadline,
+            interrupt,
+            &|| what_s.clone(),
+            &mut || Ok(()),
+        )?;
+        let params = parse_hello_ack(&msg, &c.path)?;
+        c.slot = params.slot;
+        c.limits = params.limits;
+        c.reader.set_limits(params.limits);
+        Ok(c)
+    }
+
+    fn what(&self) -> String {
+        format!("slot {} of {}", self.slot, self.path.display())
+    }
+}
+
+impl ClientEndpoint for UdsClient {
+    fn slot(&self) -> usize {
+        self.slot
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn send(
+        &mut self,
+        mut meta: Meta,
+        tensors: &[TensorRef<'_>],
+        timeout: Option<Duration>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<u64> {
+        if meta.kind != Kind::Request && meta.kind != Kind::Control {
+            return Err(Error::Role(format!(
+                "a client can only send requests, not {} frames",
+                meta.kind.name()
+            )));
+        }
+        let what = self.what();
+        let stream = self.stream.as_mut().ok_or(Error::Closed)?;
+        let id = self.next_id;
+        meta.request_id = id;
+        meta.slot = self.slot as u32;
+        let deadline = Deadline::after(timeout);
+        stream::send_blocking(
+            stream,
+            &meta,
+            tensors,
+            &self.limits,
+            &deadline,
+            interrupt,
+            &|| format!("sending on {what}"),
+            &mut || Ok(()),
+        )
+        .map_err(|e| match e {
+            Error::Capacity(m) => Error::Capacity(format!("request on {what}: {m}")),
+            other => other,
+        })?;
+        self.next_id += 1;
+        self.outstanding.push_back(id);
+        Ok(id)
+    }
+
+    fn is_ready(&mut self) -> Result<bool> {
+        let stream = self.stream.as_ref().ok_or(Error::Closed)?;
+        if self.reader.in_progress() {
+            // Part of a frame is here; report ready only if more is readable too.
+        }
+        let mut fds = [PollFd::new(stream, PollFlags::IN)];
+        poll_fds(&mut fds, Duration::ZERO)?;
+        Ok(!fds[0].revents().is_empty())
+    }
+
+    fn recv(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
+        let what = self.what();
+        let stream = self.stream.as_mut().ok_or(Error::Closed)?;
+        let deadline = Deadline::after(timeout);
+        let msg = stream::recv_blocking(
+            stream,
+            &mut self.reader,
+            &deadline,
+            interrupt,
+            &|| format!("waiting for a response on {what}"),
+            &mut || Ok(()),
+        )?;
+        let m = *msg.meta();
+        if let Some(expected) = self.outstanding.front().copied() {
+            if m.request_id != expected && !(m.kind == Kind::Error && m.request_id == 0) {
+                return Err(Error::Protocol(format!(
+                    "response for request {} arrived while request {expected} was expected on {what}",
+                    m.request_id
+                )));
+            }
+            self.outstanding.pop_front();
+        }
+        if let Some(e) = msg.as_remote_error() {
+            return Err(e);
+        }
+        if m.kind != Kind::Response && m.kind != Kind::Control {
+            return Err(Error::Protocol(format!(
+                "expected a response on {what}, got a {} frame",
+                m.kind.name()
+            )));
+        }
+        Ok(msg)
+    }
+
+    fn close(&mut self) {
+        self.stream = None;
+    }
+}
+
+impl Drop for UdsClient {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::no_interrupt;
+
+    #[test]
+    fn round_trip_and_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.sock");
+        let mut srv = UdsServer::bind(&p, 2, Limits::default()).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(
+            UdsServer::bind(&p, 2, Limits::default()).is_err(),
+            "second server must refuse"
+        );
+        let p2 = p.clone();
+        let h = std::thread::spawn(move || {
+            let mut c =
+                UdsClient::connect(&p2, None, Some(Duration::from_secs(5)), &mut no_interrupt())
+                    .unwrap();
+            let data: Vec<u8> = (0..40u8).collect();
+            let t = [TensorRef {
+                dtype: DType::Int32,
+                shape: &[10],
+                data: &data,
+            }];
+            c.send(Meta::new(Kind::Request), &t, None, &mut no_interrupt())
+                .unwrap();
+            let m = c
+                .recv(Some(Duration::from_secs(5)), &mut no_interrupt())
+                .unwrap();
+            assert_eq!(m.tensor_bytes(0).unwrap(), &data[..]);
+            c.slot()
+        });
+        let slots = srv
+            .wait_any(Some(Duration::from_secs(5)), &mut no_interrupt())
+            .unwrap();
+        let s = slots[0];
+        let msg = srv.recv(s).unwrap().unwrap();
+        let data = msg.tensor_bytes(0).unwrap().to_vec();
+        srv.send(
+            s,
+            Meta::new(Kind::Response),
+            &[TensorRef {
+                dtype: DType::Int32,
+                shape: &[10],
+                data: &data,
+            }],
+        )
+        .unwrap();
+        // Flush whatever is queued while the client reads.
+        while !srv.conns.iter().all(|c| c.out.is_empty()) {
+            srv.pump(Duration::from_millis(10)).unwrap();
+        }
+        assert_eq!(h.join().unwrap(), s);
+        srv.close();
+        assert!(!p.exists());
+    }
+}
