@@ -218,7 +218,7 @@ impl Limits {
         }
         if max_payload_bytes == 0 || max_payload_bytes > MAX_PAYLOAD_CEILING {
             return Err(Error::InvalidArgument(format!(
-                "max_nbytes must be in 1..={MAX_PAYLOAD_CEILING}, got {max_payload_bytes}"
+                "max_nbytes (payload bytes per message) must be in 1..={MAX_PAYLOAD_CEILING}, got {max_payload_bytes}"
             )));
         }
         Ok(Limits {
@@ -328,6 +328,21 @@ fn rd_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The limits a frame of `kind` is checked against: the endpoint's own, except that every
+/// receiver can read an error frame (one 1-D message of up to [`ERROR_MESSAGE_MAX`] bytes)
+/// whatever its limits, so a server's explanation always reaches the client.
+pub fn effective_limits(kind: Kind, limits: &Limits) -> Limits {
+    if kind == Kind::Error {
+        Limits {
+            max_tensors: limits.max_tensors.max(1),
+            max_dims: limits.max_dims.max(1),
+            max_payload_bytes: limits.max_payload_bytes.max(ERROR_MESSAGE_MAX + 1),
+        }
+    } else {
+        *limits
+    }
+}
+
 /// Validate the fixed header (the first 64 bytes) against `limits`. Stream transports call
 /// this before allocating a receive buffer of `total_len` bytes.
 pub fn decode_header(buf: &[u8], limits: &Limits) -> Result<Header, FrameError> {
@@ -354,6 +369,7 @@ pub fn decode_header(buf: &[u8], limits: &Limits) -> Result<Header, FrameError> 
         });
     }
     let kind = Kind::from_code(buf[6])?;
+    let limits = &effective_limits(kind, limits);
     let flags = buf[7];
     if flags & !KNOWN_FLAGS != 0 {
         return Err(FrameError::UnknownFlags(flags & !KNOWN_FLAGS));
@@ -428,6 +444,7 @@ pub fn decode_header(buf: &[u8], limits: &Limits) -> Result<Header, FrameError> 
 /// Validate a whole frame. `buf` must be exactly the frame (`total_len` bytes).
 pub fn decode(buf: &[u8], limits: &Limits) -> Result<Decoded, FrameError> {
     let header = decode_header(buf, limits)?;
+    let limits = &effective_limits(header.meta.kind, limits);
     let actual = buf.len() as u64;
     if header.total_len != actual {
         return Err(FrameError::LengthMismatch {
@@ -436,7 +453,10 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Decoded, FrameError> {
         });
     }
     let payload_start = checked_align_up(HEADER_LEN as u64 + header.table_len, "payload start")?;
-    let mut tensors = Vec::with_capacity(header.tensor_count as usize);
+    // Each entry takes at least ENTRY_FIXED_LEN bytes of the (validated) table.
+    let mut tensors = Vec::with_capacity(
+        (header.tensor_count as u64).min(header.table_len / ENTRY_FIXED_LEN) as usize,
+    );
     let mut pos = HEADER_LEN as u64;
     let table_end = HEADER_LEN as u64 + header.table_len;
     let mut previous_end = payload_start;
@@ -617,7 +637,8 @@ pub fn layout(specs: &[TensorSpec<'_>], limits: &Limits) -> Result<Layout> {
         let n = s
             .shape
             .iter()
-            .try_fold(s.dtype.itemsize(), |acc, &d| acc.checked_mul(d))
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .and_then(|elems| elems.checked_mul(s.dtype.itemsize()))
             .ok_or_else(|| {
                 Error::InvalidArgument(format!("tensor {i}: shape {:?} overflows", s.shape))
             })?;
@@ -692,6 +713,17 @@ pub fn write_prefix(out: &mut [u8], meta: &Meta, specs: &[TensorSpec<'_>], layou
     out[gap_start..total].fill(0);
 }
 
+/// Reject header fields a decoder would refuse.
+pub fn check_meta(meta: &Meta) -> Result<()> {
+    if meta.flags & !KNOWN_FLAGS != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "unknown flag bits {:#04x}",
+            meta.flags & !KNOWN_FLAGS
+        )));
+    }
+    Ok(())
+}
+
 /// A tensor to encode: its description and its bytes (C-contiguous, little-endian).
 #[derive(Debug, Clone, Copy)]
 pub struct TensorRef<'a> {
@@ -702,6 +734,8 @@ pub struct TensorRef<'a> {
 
 /// Encode a whole frame into a new buffer (one copy of each tensor's bytes).
 pub fn encode(meta: &Meta, tensors: &[TensorRef<'_>], limits: &Limits) -> Result<AlignedBuf> {
+    check_meta(meta)?;
+    let limits = &effective_limits(meta.kind, limits);
     let specs: Vec<TensorSpec<'_>> = tensors
         .iter()
         .map(|t| TensorSpec {
@@ -729,6 +763,9 @@ pub fn encode(meta: &Meta, tensors: &[TensorRef<'_>], limits: &Limits) -> Result
     }
     Ok(buf)
 }
+
+/// Longest error message carried (longer ones are cut on a character boundary).
+pub const ERROR_MESSAGE_MAX: u64 = 64 << 10;
 
 /// Build an error frame carrying `code` and a UTF-8 `message` (cut at 64 KiB on a char boundary).
 pub fn encode_error(request_id: u64, slot: u32, code: u32, message: &str) -> AlignedBuf {

@@ -137,6 +137,7 @@ pub(crate) fn frame_prefix(
             shape: t.shape,
         })
         .collect();
+    frame::check_meta(meta)?;
     let lay = frame::layout(&specs, limits)?;
     for (i, t) in tensors.iter().enumerate() {
         if t.data.len() as u64 != lay.nbytes[i] {
