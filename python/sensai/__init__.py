@@ -19,6 +19,8 @@ from .server import SensAIServer
 from .transports import (
     NamedPipeClient,
     NamedPipeServer,
+    SharedMemoryClient,
+    SharedMemoryServer,
     Transport,
     UnixSocketClient,
     UnixSocketServer,
@@ -37,6 +39,8 @@ __all__ = [
     "NamedPipeClient",
     "UnixSocketServer",
     "UnixSocketClient",
+    "SharedMemoryServer",
+    "SharedMemoryClient",
     "create_transport",
     "connect",
     "SensAIError",

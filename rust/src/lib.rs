@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod frame;
+pub mod sync;
 pub mod transport;
 
 #[cfg(feature = "python")]

@@ -19,8 +19,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use crate::error::Error;
-use crate::frame::{self, DType, Kind, Limits, Meta, TensorRef, FLAG_LIST};
+use crate::frame::{self, DType, Kind, Limits, Meta, TensorRef, TensorSpec, FLAG_LIST};
 use crate::transport::fifo::{FifoClient, FifoServer};
+use crate::transport::shm::{Reservation, ShmClient, ShmServer};
 use crate::transport::uds::{UdsClient, UdsServer};
 use crate::transport::{ClientEndpoint, Message, ServerEndpoint};
 
@@ -221,6 +222,55 @@ impl Outgoing {
     }
 }
 
+/// A numpy array of `dtype` and `shape` viewing `data`, holding `base` alive.
+///
+/// # Safety
+/// `data` must be 64-byte aligned (any address if the array is empty) and valid for reads
+/// and writes of the array's size for as long as `base` lives.
+unsafe fn view_array<'py>(
+    base: &Bound<'py, PyAny>,
+    data: *mut u8,
+    dtype: DType,
+    shape: &[u64],
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = base.py();
+    let np_name = match dtype {
+        DType::BFloat16 => "uint16",
+        d => d.name(),
+    };
+    let descr = PyArrayDescr::new(py, np_name)?;
+    let mut dims: Vec<npy_intp> = shape
+        .iter()
+        .map(|&d| npy_intp::try_from(d))
+        .collect::<Result<_, _>>()
+        .map_err(|_| PyValueError::new_err("dimension too large for this platform"))?;
+    // SAFETY: a valid descriptor (its reference is stolen), dims of length ndim, NULL strides
+    // (numpy computes C order) and, by the caller's contract, an aligned data pointer valid
+    // for the array's size. The array does not own the data; SetBaseObject makes it hold a
+    // reference to `base`, which keeps the memory alive.
+    unsafe {
+        let ptr = PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            npyffi::get_type_object(py, npyffi::NpyTypes::PyArray_Type),
+            descr.into_dtype_ptr(),
+            dims.len() as std::os::raw::c_int,
+            dims.as_mut_ptr(),
+            std::ptr::null_mut(),
+            data as *mut c_void,
+            NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE,
+            std::ptr::null_mut(),
+        );
+        let arr = Bound::from_owned_ptr_or_err(py, ptr)?;
+        let owner = base.clone().unbind().into_ptr();
+        if PY_ARRAY_API.PyArray_SetBaseObject(py, arr.as_ptr() as *mut npyffi::PyArrayObject, owner)
+            < 0
+        {
+            return Err(PyErr::fetch(py));
+        }
+        Ok(arr)
+    }
+}
+
 /// A received message. Its arrays are numpy views of the received buffer, which lives as
 /// long as any of them (each array's `base` is this object).
 #[pyclass(module = "sensai._core", name = "Message", frozen)]
@@ -317,48 +367,16 @@ impl PyMessage {
         let this = slf.get();
         let list = PyList::empty(py);
         for t in &this.msg.decoded().tensors {
-            let np_name = match t.dtype {
-                DType::BFloat16 => "uint16",
-                d => d.name(),
-            };
-            let descr = PyArrayDescr::new(py, np_name)?;
-            let mut dims: Vec<npy_intp> = t
-                .shape
-                .iter()
-                .map(|&d| npy_intp::try_from(d))
-                .collect::<Result<_, _>>()
-                .map_err(|_| PyValueError::new_err("dimension too large for this platform"))?;
             // SAFETY: offset + nbytes <= frame length was checked by the decoder, so the
-            // pointer stays inside the buffer owned by `this`.
-            let data = unsafe { this.data.0.add(t.offset as usize) };
-            // SAFETY: we pass a valid descriptor (its reference is stolen), dims of length
-            // ndim, NULL strides (C order computed by numpy) and a data pointer that is aligned
-            // (64-byte aligned buffer, 64-byte aligned offsets) and valid for the array's
-            // size. The new array does not own the data; SetBaseObject makes it hold a
-            // reference to `slf`, which owns the buffer, so the buffer outlives the view.
+            // pointer stays inside the buffer owned by `this`, which `slf` (the base) keeps
+            // alive; the buffer and the offsets are 64-byte aligned.
             let arr = unsafe {
-                let ptr = PY_ARRAY_API.PyArray_NewFromDescr(
-                    py,
-                    npyffi::get_type_object(py, npyffi::NpyTypes::PyArray_Type),
-                    descr.into_dtype_ptr(),
-                    dims.len() as std::os::raw::c_int,
-                    dims.as_mut_ptr(),
-                    std::ptr::null_mut(),
-                    data as *mut c_void,
-                    NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_WRITEABLE,
-                    std::ptr::null_mut(),
-                );
-                let arr = Bound::from_owned_ptr_or_err(py, ptr)?;
-                let base = slf.clone().into_any().unbind().into_ptr();
-                if PY_ARRAY_API.PyArray_SetBaseObject(
-                    py,
-                    arr.as_ptr() as *mut npyffi::PyArrayObject,
-                    base,
-                ) < 0
-                {
-                    return Err(PyErr::fetch(py));
-                }
-                arr
+                view_array(
+                    slf.as_any(),
+                    this.data.0.add(t.offset as usize),
+                    t.dtype,
+                    &t.shape,
+                )?
             };
             list.append(arr)?;
         }
@@ -377,19 +395,98 @@ fn kind_arg(kind: &str) -> PyResult<Kind> {
     }
 }
 
-/// The server side of a transport (Unix socket or named pipes).
+enum ServerImpl {
+    Stream(Box<dyn ServerEndpoint>),
+    Shm(ShmServer),
+}
+
+/// The server side of a transport (Unix socket, named pipes or shared memory).
 #[pyclass(module = "sensai._core", name = "ServerEndpoint")]
 pub struct PyServer {
-    inner: Option<Box<dyn ServerEndpoint>>,
+    inner: Option<ServerImpl>,
     kind: &'static str,
     path: String,
 }
 
 impl PyServer {
-    fn inner(&mut self) -> PyResult<&mut Box<dyn ServerEndpoint>> {
-        self.inner
-            .as_mut()
-            .ok_or_else(|| Python::attach(|py| to_pyerr(py, Error::Closed)))
+    fn inner(&mut self) -> PyResult<&mut dyn ServerEndpoint> {
+        match self.inner.as_mut() {
+            Some(ServerImpl::Stream(s)) => Ok(s.as_mut()),
+            Some(ServerImpl::Shm(s)) => Ok(s),
+            None => Err(Python::attach(|py| to_pyerr(py, Error::Closed))),
+        }
+    }
+
+    fn shm(&mut self) -> PyResult<&mut ShmServer> {
+        let kind = self.kind;
+        match self.inner.as_mut() {
+            Some(ServerImpl::Shm(s)) => Ok(s),
+            Some(ServerImpl::Stream(_)) => Err(Python::attach(|py| {
+                to_pyerr(
+                    py,
+                    Error::Role(format!(
+                        "reserve/publish writes in place into shared memory; this is a {kind} server"
+                    )),
+                )
+            })),
+            None => Err(Python::attach(|py| to_pyerr(py, Error::Closed))),
+        }
+    }
+}
+
+/// A response buffer reserved in shared memory: fill its arrays in place, then publish it
+/// with `ServerEndpoint.publish`.
+#[pyclass(module = "sensai._core", name = "Reservation", frozen)]
+pub struct PyReservation {
+    inner: std::sync::Mutex<Option<Reservation>>,
+    /// Keeps the mapping alive for views that outlive the reservation.
+    _guard: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    ptrs: Vec<SendPtr>,
+    dtypes: Vec<DType>,
+    shapes: Vec<Vec<u64>>,
+    slot: usize,
+}
+
+#[pymethods]
+impl PyReservation {
+    #[getter]
+    fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Whether it was published or cancelled.
+    #[getter]
+    fn done(&self) -> bool {
+        self.inner.lock().map(|g| g.is_none()).unwrap_or(true)
+    }
+
+    /// Writable numpy views of the reserved tensors (bfloat16 ones as uint16).
+    fn arrays<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyList>> {
+        let py = slf.py();
+        let this = slf.get();
+        let list = PyList::empty(py);
+        for i in 0..this.dtypes.len() {
+            // SAFETY: the pointer and shape come from the reservation's layout (64-byte
+            // aligned, inside the mapping); `_guard` keeps the mapping alive as long as `slf`,
+            // the views' base, lives.
+            let arr = unsafe {
+                view_array(
+                    slf.as_any(),
+                    this.ptrs[i].0,
+                    this.dtypes[i],
+                    &this.shapes[i],
+                )?
+            };
+            list.append(arr)?;
+        }
+        Ok(list)
+    }
+
+    /// Drop the reservation without sending anything.
+    fn cancel(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.take();
+        }
     }
 }
 
@@ -412,7 +509,7 @@ impl PyServer {
             .detach(|| UdsServer::bind(&p, num_slots, limits))
             .map_err(|e| to_pyerr(py, e))?;
         Ok(PyServer {
-            inner: Some(Box::new(s)),
+            inner: Some(ServerImpl::Stream(Box::new(s))),
             kind: "unix_socket",
             path,
         })
@@ -435,10 +532,112 @@ impl PyServer {
             .detach(|| FifoServer::bind(&p, num_slots, limits))
             .map_err(|e| to_pyerr(py, e))?;
         Ok(PyServer {
-            inner: Some(Box::new(s)),
+            inner: Some(ServerImpl::Stream(Box::new(s))),
             kind: "named_pipe",
             path,
         })
+    }
+
+    /// Serve through a shared-memory file at `path` (a bare name goes under /dev/shm),
+    /// with a ring of `ring_depth` buffers per slot and direction.
+    #[staticmethod]
+    #[pyo3(signature = (path, num_slots, max_nbytes = 268435456, max_tensors = 8, max_dims = 8, ring_depth = 2))]
+    fn shared_memory(
+        py: Python<'_>,
+        path: String,
+        num_slots: usize,
+        max_nbytes: u64,
+        max_tensors: u32,
+        max_dims: u32,
+        ring_depth: usize,
+    ) -> PyResult<PyServer> {
+        let limits = limits_arg(max_nbytes, max_tensors, max_dims)?;
+        let p = path.clone();
+        let s = py
+            .detach(|| ShmServer::create(&p, num_slots, limits, ring_depth))
+            .map_err(|e| to_pyerr(py, e))?;
+        let path = crate::transport::shm::resolve_path(std::path::Path::new(&path))
+            .display()
+            .to_string();
+        Ok(PyServer {
+            inner: Some(ServerImpl::Shm(s)),
+            kind: "shared_memory",
+            path,
+        })
+    }
+
+    /// Reserve a response buffer on `slot_id` for tensors of the given `(dtype, shape)`
+    /// (shared memory only). Fill `Reservation.arrays()` in place, then `publish` it.
+    #[pyo3(signature = (slot_id, specs, is_list = false, tag = 0, value = 0))]
+    fn reserve(
+        &mut self,
+        py: Python<'_>,
+        slot_id: usize,
+        specs: Vec<(String, Vec<u64>)>,
+        is_list: bool,
+        tag: u32,
+        value: u64,
+    ) -> PyResult<PyReservation> {
+        let mut dtypes = Vec::with_capacity(specs.len());
+        for (i, (name, _)) in specs.iter().enumerate() {
+            dtypes.push(DType::from_name(name).ok_or_else(|| {
+                PyValueError::new_err(format!("tensor {i}: unknown dtype name {name:?}"))
+            })?);
+        }
+        let shapes: Vec<Vec<u64>> = specs.into_iter().map(|(_, s)| s).collect();
+        let tspecs: Vec<TensorSpec<'_>> = dtypes
+            .iter()
+            .zip(&shapes)
+            .map(|(d, s)| TensorSpec {
+                dtype: *d,
+                shape: s,
+            })
+            .collect();
+        let meta = Meta {
+            kind: Kind::Response,
+            flags: if is_list { FLAG_LIST } else { 0 },
+            request_id: 0,
+            slot: 0,
+            app_tag: tag,
+            app_value: value,
+        };
+        let shm = self.shm()?;
+        let r = py
+            .detach(|| shm.reserve(slot_id, meta, &tspecs))
+            .map_err(|e| to_pyerr(py, e))?;
+        let ptrs = (0..r.num_tensors())
+            .map(|i| {
+                SendPtr(
+                    r.tensor_raw(i)
+                        .map(|(p, _)| p)
+                        .unwrap_or(std::ptr::null_mut()),
+                )
+            })
+            .collect();
+        let guard = r.mapping_guard();
+        Ok(PyReservation {
+            inner: std::sync::Mutex::new(Some(r)),
+            _guard: guard,
+            ptrs,
+            dtypes,
+            shapes,
+            slot: slot_id,
+        })
+    }
+
+    /// Send a filled reservation to its client.
+    fn publish(&mut self, py: Python<'_>, reservation: &Bound<'_, PyReservation>) -> PyResult<()> {
+        let r = reservation
+            .get()
+            .inner
+            .lock()
+            .map_err(|_| PyValueError::new_err("reservation lock poisoned"))?
+            .take()
+            .ok_or_else(|| {
+                PyValueError::new_err("this reservation was already published or cancelled")
+            })?;
+        let shm = self.shm()?;
+        py.detach(|| shm.publish(r)).map_err(|e| to_pyerr(py, e))
     }
 
     #[getter]
@@ -535,8 +734,10 @@ impl PyServer {
 
     /// Stop serving and remove the transport's files. Idempotent.
     fn close(&mut self) {
-        if let Some(mut s) = self.inner.take() {
-            s.close();
+        match self.inner.take() {
+            Some(ServerImpl::Stream(mut s)) => s.close(),
+            Some(ServerImpl::Shm(mut s)) => s.close(),
+            None => {}
         }
     }
 
@@ -606,6 +807,30 @@ impl PyClient {
         Ok(PyClient {
             inner: Some(Box::new(c)),
             kind: "named_pipe",
+            path,
+            slot,
+        })
+    }
+
+    /// Attach to a shared-memory server and lease `slot_id` (None: any free slot).
+    #[staticmethod]
+    #[pyo3(signature = (path, slot_id = None, connect_timeout = Some(30.0)))]
+    fn shared_memory(
+        py: Python<'_>,
+        path: String,
+        slot_id: Option<usize>,
+        connect_timeout: Option<f64>,
+    ) -> PyResult<PyClient> {
+        let t = timeout_arg(connect_timeout, "connect_timeout")?;
+        let p = path.clone();
+        let c = detached(py, |check| ShmClient::attach(&p, slot_id, t, check))?;
+        let slot = c.slot();
+        let path = crate::transport::shm::resolve_path(std::path::Path::new(&path))
+            .display()
+            .to_string();
+        Ok(PyClient {
+            inner: Some(Box::new(c)),
+            kind: "shared_memory",
             path,
             slot,
         })
@@ -704,8 +929,8 @@ impl PyClient {
         let inner = self.inner()?;
         detached(py, |check| {
             let deadline = crate::transport::Deadline::after(t);
-            inner.send(meta, &out.refs(), deadline.remaining(), check)?;
-            inner.recv(deadline.remaining(), check)
+            let id = inner.send(meta, &out.refs(), deadline.remaining(), check)?;
+            inner.recv_for(id, deadline.remaining(), check)
         })
         .map(PyMessage::new)
     }
@@ -741,6 +966,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMessage>()?;
     m.add_class::<PyServer>()?;
     m.add_class::<PyClient>()?;
+    m.add_class::<PyReservation>()?;
     m.add_function(wrap_pyfunction!(dtype_names, m)?)?;
     let codes = pyo3::types::PyDict::new(m.py());
     for (name, code) in [

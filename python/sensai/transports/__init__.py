@@ -1,8 +1,8 @@
 """Transports: where a server and its clients exchange tensors.
 
 ``create_transport(kind, ...)`` makes a server endpoint; ``connect(address)`` makes a
-client endpoint from an address such as ``unix:///tmp/sensai.sock`` or
-``pipe:///tmp/sensai-pipes``.
+client endpoint from an address such as ``shm:///dev/shm/sensai``,
+``unix:///tmp/sensai.sock`` or ``pipe:///tmp/sensai-pipes``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .named_pipe import NamedPipeClient, NamedPipeServer
+from .shared_memory import SharedMemoryClient, SharedMemoryServer
 from .transport_abc import ClientMixin, Transport
 from .unix_socket import UnixSocketClient, UnixSocketServer
 
@@ -23,6 +24,8 @@ __all__ = [
     "NamedPipeClient",
     "UnixSocketServer",
     "UnixSocketClient",
+    "SharedMemoryServer",
+    "SharedMemoryClient",
     "TRANSPORT_KINDS",
     "create_transport",
     "default_path",
@@ -31,9 +34,17 @@ __all__ = [
     "connect",
 ]
 
-_SERVERS = {"unix_socket": UnixSocketServer, "named_pipe": NamedPipeServer}
-_CLIENTS = {"unix_socket": UnixSocketClient, "named_pipe": NamedPipeClient}
-_SCHEMES = {"unix": "unix_socket", "pipe": "named_pipe"}
+_SERVERS = {
+    "shared_memory": SharedMemoryServer,
+    "unix_socket": UnixSocketServer,
+    "named_pipe": NamedPipeServer,
+}
+_CLIENTS = {
+    "shared_memory": SharedMemoryClient,
+    "unix_socket": UnixSocketClient,
+    "named_pipe": NamedPipeClient,
+}
+_SCHEMES = {"shm": "shared_memory", "unix": "unix_socket", "pipe": "named_pipe"}
 _SCHEME_OF = {v: k for k, v in _SCHEMES.items()}
 TRANSPORT_KINDS = tuple(_SERVERS)
 
@@ -46,6 +57,8 @@ def default_path(kind: str) -> str:
         return os.path.join(base, f"sensai-{pid}.sock")
     if kind == "named_pipe":
         return os.path.join(base, f"sensai-{pid}-pipes")
+    if kind == "shared_memory":
+        return f"/dev/shm/sensai-{pid}" if os.path.isdir("/dev/shm") else os.path.join(base, f"sensai-{pid}.shm")
     raise ValueError(f"unknown transport kind {kind!r}; expected one of {', '.join(TRANSPORT_KINDS)}")
 
 
@@ -75,7 +88,8 @@ def parse_address(address: str) -> tuple[str, str]:
     u = urlparse(address)
     if u.scheme not in _SCHEMES or u.netloc or not u.path:
         raise ValueError(
-            f"invalid address {address!r}: expected unix:///path/to/socket or pipe:///path/to/dir"
+            f"invalid address {address!r}: expected shm:///dev/shm/name, unix:///path/to/socket "
+            "or pipe:///path/to/dir"
         )
     return _SCHEMES[u.scheme], u.path
 

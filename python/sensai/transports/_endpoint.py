@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import _core
-from ..errors import RoleError, SensAIError
+from ..errors import RemoteError, RoleError, SensAIError
 from .transport_abc import ClientMixin, Transport
 
 __all__ = ["ServerEndpointBase", "ClientEndpointBase", "to_wire", "from_message"]
@@ -36,7 +36,7 @@ def _one_to_wire(x: Any, index: int) -> tuple[np.ndarray, str | None]:
             t = t.cpu()
         if t.dtype == torch.bfloat16:
             words = t.contiguous().view(torch.int16).numpy().view(np.uint16)
-            return np.ascontiguousarray(words), "bfloat16"
+            return np.asarray(words, order="C"), "bfloat16"
         arr = t.contiguous().numpy()
     elif isinstance(x, (np.generic, int, float, bool)):
         arr = np.asarray(x)
@@ -44,7 +44,7 @@ def _one_to_wire(x: Any, index: int) -> tuple[np.ndarray, str | None]:
         raise TypeError(f"tensor {index}: expected a numpy array or torch tensor, got {type(x).__name__}")
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(arr), None
+    return np.asarray(arr, order="C"), None
 
 
 def to_wire(tensor_or_list: Any) -> tuple[list[np.ndarray], list[str | None] | None, bool]:
@@ -92,11 +92,12 @@ class ServerEndpointBase(Transport):
         max_dims: int = 8,
     ) -> None:
         super().__init__(str(path), debug=debug, is_server=True)
-        self._core = getattr(_core.ServerEndpoint, self._factory)(
-            str(path), int(num_slots), int(max_nbytes), int(max_tensors), int(max_dims)
-        )
+        self._core = self._make_core(str(path), int(num_slots), int(max_nbytes), int(max_tensors), int(max_dims))
         self._num_slots = int(num_slots)
         self._debug(f"serving {num_slots} slot(s) on {path}")
+
+    def _make_core(self, path: str, num_slots: int, max_nbytes: int, max_tensors: int, max_dims: int):
+        return getattr(_core.ServerEndpoint, self._factory)(path, num_slots, max_nbytes, max_tensors, max_dims)
 
     # -- seed API -------------------------------------------------------------------
     def supports_multi_tensor(self) -> bool:
@@ -226,8 +227,13 @@ class ClientEndpointBase(ClientMixin, Transport):
         """The response to the oldest outstanding request, waiting up to ``timeout`` seconds."""
         if self._outstanding == 0:
             raise SensAIError(f"no request is outstanding on slot {self.slot_id} of {self.path}")
+        try:
+            msg = self._core.recv(timeout)  # a timeout leaves the request outstanding
+        except RemoteError:
+            self._outstanding -= 1  # answered, with an error
+            raise
         self._outstanding -= 1
-        return from_message(self._core.recv(timeout))
+        return from_message(msg)
 
     def request(self, tensor: Any, timeout: float | None = None) -> Any:
         """Send a request and return its response (``timeout`` covers both)."""

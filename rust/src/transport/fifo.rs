@@ -31,10 +31,12 @@ use crate::error::{Error, IoContext, Result};
 use crate::frame::{self, control, error_code, DType, Kind, Limits, Meta, TensorRef};
 use crate::transport::lock::{pid_alive, read_pid, LockFile};
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
+use crate::transport::wait_fd;
 use crate::transport::{
-    check_slot, hello_ack_values, parse_hello_ack, poll_fds, ClientEndpoint, Deadline, Interrupt,
-    Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_slot, hello_ack_values, parse_hello_ack, poll_fds, ClientEndpoint, Deadline, DirWatch,
+    Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
+use std::os::fd::AsFd;
 
 const MAX_PENDING: usize = 8;
 /// Kernel buffer asked for each FIFO (the default is 64 KiB; Linux caps unprivileged
@@ -583,7 +585,12 @@ impl FifoClient {
     ) -> Result<FifoClient> {
         let dir = dir.as_ref().to_path_buf();
         let deadline = Deadline::after(connect_timeout);
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         loop {
+            let watch = DirWatch::new(&[&parent, &dir]);
             match Self::try_connect(&dir, slot, &deadline, interrupt) {
                 Ok(c) => return Ok(c),
                 // The server is not there yet, or it restarted the slot under us.
@@ -592,8 +599,7 @@ impl FifoClient {
                         return Err(Error::PeerGone(m));
                     }
                     interrupt()?;
-                    // No descriptor exists to wait on before the server creates its files.
-                    std::thread::sleep(deadline.slice().min(Duration::from_millis(10)));
+                    watch.wait(&deadline)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -704,21 +710,35 @@ impl FifoClient {
             &mut live,
         )?;
         let resp = c.resp.as_mut().ok_or(Error::Closed)?;
-        let msg = match stream::recv_blocking(
-            resp,
-            &mut c.reader,
-            &hs,
-            interrupt,
-            &|| what.clone(),
-            &mut live,
-        ) {
-            Ok(m) => m,
-            Err(Error::Timeout { .. }) => {
-                return Err(Error::PeerGone(format!(
-                    "{what}: the server did not acknowledge"
-                )))
+        // Until the server opens its end of the response FIFO, reads see end-of-file and
+        // poll reports nothing; a hang-up is reported only once a writer has come and gone.
+        // So end-of-file here means "not yet", and only a hang-up means the server left.
+        let msg = loop {
+            match c.reader.read_from(resp)? {
+                ReadStatus::Frame(m) => break m,
+                ReadStatus::WouldBlock | ReadStatus::Eof => {}
             }
-            Err(e) => return Err(e),
+            let ev = match wait_fd(
+                resp.as_fd(),
+                PollFlags::IN,
+                &hs,
+                interrupt,
+                &|| what.clone(),
+                &mut live,
+            ) {
+                Ok(ev) => ev,
+                Err(Error::Timeout { .. }) => {
+                    return Err(Error::PeerGone(format!(
+                        "{what}: the server did not acknowledge"
+                    )))
+                }
+                Err(e) => return Err(e),
+            };
+            if ev.intersects(PollFlags::HUP | PollFlags::ERR) && !ev.contains(PollFlags::IN) {
+                return Err(Error::PeerGone(format!(
+                    "{what}: the server closed the slot"
+                )));
+            }
         };
         if msg.meta().request_id != nonce {
             return Err(Error::PeerGone(format!("{what}: stale acknowledgement")));
@@ -798,7 +818,7 @@ impl ClientEndpoint for FifoClient {
         Ok(!fds[0].revents().is_empty())
     }
 
-    fn recv(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
+    fn recv_raw(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
         let what = self.what();
         let pid = self.server_pid;
         let resp = self.resp.as_mut().ok_or(Error::Closed)?;
@@ -829,15 +849,6 @@ impl ClientEndpoint for FifoClient {
                 )));
             }
             self.outstanding.pop_front();
-        }
-        if let Some(e) = msg.as_remote_error() {
-            return Err(e);
-        }
-        if m.kind != Kind::Response && m.kind != Kind::Control {
-            return Err(Error::Protocol(format!(
-                "expected a response on {what}, got a {} frame",
-                m.kind.name()
-            )));
         }
         Ok(msg)
     }

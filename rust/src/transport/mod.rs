@@ -21,6 +21,7 @@ use crate::frame::{self, AlignedBuf, Decoded, Kind, Limits, Meta, TensorRef};
 
 pub mod fifo;
 pub(crate) mod lock;
+pub mod shm;
 mod stream;
 pub mod uds;
 
@@ -36,26 +37,58 @@ pub fn no_interrupt() -> impl FnMut() -> Result<()> {
 }
 
 /// A received, validated message. Its tensors are slices of [`Message::bytes`].
+///
+/// The bytes are either an owned heap buffer (stream transports) or, for shared memory, a
+/// view of the ring buffer in the mapping that the message holds leased until it is dropped
+/// (zero copy; see [`shm::ShmLease`]).
 #[derive(Debug)]
 pub struct Message {
-    buf: AlignedBuf,
+    storage: Storage,
     decoded: Decoded,
+}
+
+#[derive(Debug)]
+enum Storage {
+    Owned(AlignedBuf),
+    Shared(shm::ShmLease),
 }
 
 impl Message {
     pub(crate) fn new(buf: AlignedBuf, decoded: Decoded) -> Message {
-        Message { buf, decoded }
+        Message {
+            storage: Storage::Owned(buf),
+            decoded,
+        }
+    }
+
+    /// A message whose bytes stay in a shared-memory ring buffer until it is dropped.
+    pub(crate) fn shared(lease: shm::ShmLease, decoded: Decoded) -> Message {
+        Message {
+            storage: Storage::Shared(lease),
+            decoded,
+        }
+    }
+
+    /// Whether the bytes are a view of a shared-memory buffer (not a private copy).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.storage, Storage::Shared(_))
     }
 
     /// Start of the frame bytes, for handing the buffer to a foreign owner (numpy views).
     /// Take it once, before any shared borrow of the bytes.
     pub fn bytes_mut_ptr(&mut self) -> *mut u8 {
-        self.buf.as_mut_slice().as_mut_ptr()
+        match &mut self.storage {
+            Storage::Owned(b) => b.as_mut_slice().as_mut_ptr(),
+            Storage::Shared(l) => l.as_mut_ptr(),
+        }
     }
 
     /// The whole frame.
     pub fn bytes(&self) -> &[u8] {
-        self.buf.as_slice()
+        match &self.storage {
+            Storage::Owned(b) => b.as_slice(),
+            Storage::Shared(l) => l.as_slice(),
+        }
     }
 
     pub fn meta(&self) -> &Meta {
@@ -71,7 +104,7 @@ impl Message {
         self.decoded
             .tensors
             .get(i)
-            .map(|t| &self.buf.as_slice()[t.range()])
+            .map(|t| &self.bytes()[t.range()])
     }
 
     /// If this is an error frame, the error it carries.
@@ -85,6 +118,22 @@ impl Message {
             message: message.to_owned(),
         })
     }
+}
+
+/// Turn a received frame into the caller's result: an error frame becomes
+/// [`Error::Remote`], anything but a response or control frame is a protocol error.
+pub(crate) fn finish_response(msg: Message) -> Result<Message> {
+    if let Some(e) = msg.as_remote_error() {
+        return Err(e);
+    }
+    let kind = msg.meta().kind;
+    if kind != Kind::Response && kind != Kind::Control {
+        return Err(Error::Protocol(format!(
+            "expected a response from the server, got a {} frame",
+            kind.name()
+        )));
+    }
+    Ok(msg)
 }
 
 /// The server side of a transport.
@@ -136,9 +185,34 @@ pub trait ClientEndpoint: Send + Sync {
     ) -> Result<u64>;
     /// Whether a response is ready to be received without blocking.
     fn is_ready(&mut self) -> Result<bool>;
+    /// Receive the frame answering the oldest outstanding request, error frames included.
+    fn recv_raw(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message>;
+
     /// Receive the response to the oldest outstanding request. An error frame from the
     /// server becomes [`Error::Remote`].
-    fn recv(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message>;
+    fn recv(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
+        finish_response(self.recv_raw(timeout, interrupt)?)
+    }
+
+    /// Receive the response to request `id`, discarding the answers to older requests that
+    /// their callers gave up on (a timed-out request's late answer is never taken for the
+    /// answer to a later one).
+    fn recv_for(
+        &mut self,
+        id: u64,
+        timeout: Option<Duration>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<Message> {
+        let deadline = Deadline::after(timeout);
+        loop {
+            let msg = self.recv_raw(deadline.remaining(), interrupt)?;
+            let rid = msg.meta().request_id;
+            // Request id 0 marks an error the server could not attribute to one request.
+            if rid >= id || rid == 0 {
+                return finish_response(msg);
+            }
+        }
+    }
     /// Release the slot and the connection. Idempotent.
     fn close(&mut self);
 }
@@ -307,6 +381,51 @@ pub(crate) fn parse_hello_ack(msg: &Message, path: &Path) -> Result<ServerParams
         slot: m.app_value as usize,
         limits,
     })
+}
+
+/// Wakes a client that waits for a server to appear: an inotify watch on the directories
+/// that hold (or will hold) the server's files. A client creates the watch *before* each
+/// connection attempt, so a server that comes up between the attempt and the wait still
+/// wakes it; it then blocks on the event instead of sleeping.
+pub(crate) struct DirWatch {
+    fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl DirWatch {
+    pub fn new(dirs: &[&Path]) -> DirWatch {
+        use rustix::fs::inotify;
+        let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).ok();
+        if let Some(fd) = &fd {
+            let mask = inotify::WatchFlags::CREATE
+                | inotify::WatchFlags::MOVED_TO
+                | inotify::WatchFlags::OPEN
+                | inotify::WatchFlags::CLOSE_WRITE
+                | inotify::WatchFlags::ATTRIB
+                | inotify::WatchFlags::DELETE;
+            for d in dirs {
+                // A directory that does not exist yet is covered by the watch on its parent.
+                let _ = inotify::add_watch(fd, *d, mask);
+            }
+        }
+        DirWatch { fd }
+    }
+
+    /// Block until something changes in the watched directories or one slice of the
+    /// deadline passes (the caller then re-checks its interrupt callback and deadline).
+    pub fn wait(&self, deadline: &Deadline) -> Result<()> {
+        match &self.fd {
+            Some(fd) => {
+                let mut fds = [PollFd::new(fd, PollFlags::IN)];
+                if poll_fds(&mut fds, deadline.slice())? > 0 {
+                    let mut buf = [0u8; 4096];
+                    while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
+                }
+            }
+            // inotify unavailable (e.g. out of watches): fall back to waiting out the slice.
+            None => std::thread::sleep(deadline.slice()),
+        }
+        Ok(())
+    }
 }
 
 /// A random 64-bit value (handshake nonces, temporary names); not for cryptography.

@@ -212,7 +212,12 @@ impl<'a> Segments<'a> {
 
     /// The bytes not yet written, copied into one buffer.
     pub fn rest(&self) -> Vec<u8> {
-        let mut v = Vec::new();
+        let total: usize = self.parts[self.idx..]
+            .iter()
+            .map(|p| p.len())
+            .sum::<usize>()
+            - self.off;
+        let mut v = Vec::with_capacity(total);
         for (k, p) in self.parts[self.idx..].iter().enumerate() {
             v.extend_from_slice(if k == 0 { &p[self.off..] } else { p });
         }

@@ -24,7 +24,7 @@ use crate::transport::lock::LockFile;
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::{
     check_slot, hello_ack_values, parse_hello_ack, poll_fds, rand_u64, ClientEndpoint, Deadline,
-    Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    DirWatch, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
 /// Most requests a server reads ahead on one slot before it stops reading that client.
@@ -220,7 +220,7 @@ impl UdsServer {
             return;
         }
         let slot = if m.app_value == control::ANY_SLOT {
-            match self.slots.iter().position(|s| s.is_none()) {
+            match (0..self.num_slots).find(|&s| self.slot_free(s)) {
                 Some(s) => s,
                 None => {
                     let n = self.num_slots;
@@ -244,7 +244,7 @@ impl UdsServer {
                 ),
             );
             return;
-        } else if self.slots[m.app_value as usize].is_some() {
+        } else if !self.slot_free(m.app_value as usize) {
             let p = self.path.display().to_string();
             reply_err(
                 &mut self.conns[ci],
@@ -290,6 +290,32 @@ impl UdsServer {
         }
     }
 
+    /// Whether `slot` can be granted: nobody holds it, or its holder has hung up (a client
+    /// that closed and reconnects at once is often faster than the server's next read of
+    /// the old connection, so peek at it now).
+    fn slot_free(&mut self, slot: usize) -> bool {
+        let Some(ci) = self.slots[slot] else {
+            return true;
+        };
+        let conn = &mut self.conns[ci];
+        if conn.dead {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+        match rustix::net::recv(&conn.stream, &mut probe[..], flags) {
+            Ok((0, _)) => {
+                conn.dead = true;
+                true
+            }
+            Ok(_) | Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => false,
+            Err(_) => {
+                conn.dead = true;
+                true
+            }
+        }
+    }
+
     /// Non-blocking I/O on every connection; `readable`/`writable` come from poll, or all
     /// true when called without polling.
     fn service(&mut self, ci: usize, readable: bool, writable: bool) {
@@ -318,7 +344,9 @@ impl UdsServer {
                     }
                     let slot = conn.slot.unwrap_or(0);
                     let m = *msg.meta();
-                    if m.kind != Kind::Request && m.kind != Kind::Control {
+                    let transport_control =
+                        m.kind == Kind::Control && m.app_tag < control::USER_BASE;
+                    if (m.kind != Kind::Request && m.kind != Kind::Control) || transport_control {
                         let text = format!(
                             "a client may only send requests; got a {} frame",
                             m.kind.name()
@@ -601,7 +629,12 @@ impl UdsClient {
     ) -> Result<UdsClient> {
         let path = path.as_ref().to_path_buf();
         let deadline = Deadline::after(connect_timeout);
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         let stream = loop {
+            let watch = DirWatch::new(&[&parent]);
             match UnixStream::connect(&path) {
                 Ok(s) => break s,
                 Err(e)
@@ -609,10 +642,8 @@ impl UdsClient {
                         && !deadline.expired() =>
                 {
                     interrupt()?;
-                    // The server is not up yet. Its socket appears by an atomic rename, and
-                    // there is no descriptor to wait on before it exists, so retry on a short
-                    // period within the connect timeout.
-                    std::thread::sleep(deadline.slice().min(Duration::from_millis(10)));
+                    // The server is not up yet; its socket appears by an atomic rename.
+                    watch.wait(&deadline)?;
                 }
                 Err(e)
                     if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) =>
@@ -733,7 +764,7 @@ impl ClientEndpoint for UdsClient {
         Ok(!fds[0].revents().is_empty())
     }
 
-    fn recv(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
+    fn recv_raw(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
         let what = self.what();
         let stream = self.stream.as_mut().ok_or(Error::Closed)?;
         let deadline = Deadline::after(timeout);
@@ -754,15 +785,6 @@ impl ClientEndpoint for UdsClient {
                 )));
             }
             self.outstanding.pop_front();
-        }
-        if let Some(e) = msg.as_remote_error() {
-            return Err(e);
-        }
-        if m.kind != Kind::Response && m.kind != Kind::Control {
-            return Err(Error::Protocol(format!(
-                "expected a response on {what}, got a {} frame",
-                m.kind.name()
-            )));
         }
         Ok(msg)
     }

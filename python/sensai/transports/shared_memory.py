@@ -1,0 +1,86 @@
+"""Shared-memory transport: slot rings in one mapped file, futex wake-up, zero copy.
+
+Received arrays are numpy views of the shared buffer (no copy); the buffer is reused only
+after every view of it is gone. A server can also write a response in place:
+
+    r = server.reserve_slot(slot_id, [("int64", (8, 511, 256)), ("float32", (8, 511, 256))])
+    idx, val = r.arrays()
+    torch.from_numpy(idx).copy_(indices_on_gpu)   # fill in place
+    server.publish(r)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .. import _core
+from ._endpoint import DEFAULT_MAX_NBYTES, ClientEndpointBase, ServerEndpointBase
+
+__all__ = ["SharedMemoryServer", "SharedMemoryClient", "DEFAULT_RING_DEPTH"]
+
+DEFAULT_RING_DEPTH = 2
+
+
+class SharedMemoryServer(ServerEndpointBase):
+    """``SharedMemoryServer(path, num_slots, max_nbytes, max_tensors=4, max_dims=8)`` (the
+    seed's signature), plus ``ring_depth`` (buffers per slot and direction, >= 2) and
+    ``debug``. ``path`` is a file, by default under /dev/shm (a bare name goes there).
+    """
+
+    _factory = "shared_memory"
+
+    def __init__(
+        self,
+        path: str,
+        num_slots: int,
+        max_nbytes: int = DEFAULT_MAX_NBYTES,
+        max_tensors: int = 4,
+        max_dims: int = 8,
+        debug: bool = False,
+        *,
+        ring_depth: int = DEFAULT_RING_DEPTH,
+    ) -> None:
+        self._ring_depth = int(ring_depth)
+        super().__init__(
+            path, num_slots, debug, max_nbytes=max_nbytes, max_tensors=max_tensors, max_dims=max_dims
+        )
+
+    def _make_core(self, path: str, num_slots: int, max_nbytes: int, max_tensors: int, max_dims: int):
+        return _core.ServerEndpoint.shared_memory(
+            path, num_slots, max_nbytes, max_tensors, max_dims, self._ring_depth
+        )
+
+    @property
+    def ring_depth(self) -> int:
+        return self._ring_depth
+
+    def reserve_slot(
+        self,
+        slot_id: int,
+        specs: Sequence[tuple[str, Sequence[int]]],
+        *,
+        is_list: bool | None = None,
+        tag: int = 0,
+        value: int = 0,
+    ) -> "_core.Reservation":
+        """Reserve the response to the oldest unanswered request on ``slot_id``.
+
+        ``specs`` lists ``(dtype_name, shape)`` per tensor. Fill ``reservation.arrays()`` in
+        place, then call :meth:`publish`. ``is_list`` defaults to ``len(specs) != 1``.
+        """
+        lst = len(specs) != 1 if is_list is None else is_list
+        specs = [(str(d), [int(x) for x in shape]) for d, shape in specs]
+        return self._core.reserve(slot_id, specs, lst, tag, value)
+
+    def publish(self, reservation: "_core.Reservation") -> None:
+        """Send a filled reservation to its client."""
+        self._core.publish(reservation)
+
+
+class SharedMemoryClient(ClientEndpointBase):
+    """``SharedMemoryClient(path, slot_id=None, debug=False, *, connect_timeout=30.0)``."""
+
+    _factory = "shared_memory"
+
+    def __init__(self, path: str, slot_id: int | None = None, debug: bool = False, **kwargs: Any) -> None:
+        super().__init__(path, slot_id, debug, **kwargs)
