@@ -234,11 +234,20 @@ unsafe fn view_array<'py>(
     shape: &[u64],
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = base.py();
-    let np_name = match dtype {
-        DType::BFloat16 => "uint16",
-        d => d.name(),
+    let descr = match dtype {
+        DType::Bool => numpy::dtype::<bool>(py),
+        DType::Int8 => numpy::dtype::<i8>(py),
+        DType::Int16 => numpy::dtype::<i16>(py),
+        DType::Int32 => numpy::dtype::<i32>(py),
+        DType::Int64 => numpy::dtype::<i64>(py),
+        DType::UInt8 => numpy::dtype::<u8>(py),
+        DType::UInt16 | DType::BFloat16 => numpy::dtype::<u16>(py),
+        DType::UInt32 => numpy::dtype::<u32>(py),
+        DType::UInt64 => numpy::dtype::<u64>(py),
+        DType::Float16 => PyArrayDescr::new(py, "float16")?,
+        DType::Float32 => numpy::dtype::<f32>(py),
+        DType::Float64 => numpy::dtype::<f64>(py),
     };
-    let descr = PyArrayDescr::new(py, np_name)?;
     let mut dims: Vec<npy_intp> = shape
         .iter()
         .map(|&d| npy_intp::try_from(d))

@@ -6,13 +6,15 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::AsFd;
 
-use rustix::event::PollFlags;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags};
 
 use crate::error::{Error, Result};
 use crate::frame::{
     self, AlignedBuf, Header, Layout, Limits, Meta, TensorRef, TensorSpec, HEADER_LEN,
 };
-use crate::transport::{wait_fd, Deadline, Interrupt, Message};
+use crate::transport::{poll_fds, wait_fd, Deadline, Interrupt, Message};
 
 /// What one non-blocking read pass produced.
 #[derive(Debug)]
@@ -274,9 +276,19 @@ impl OutQueue {
     }
 }
 
-/// Send a frame without blocking: write what the peer takes now straight from the
-/// tensors, queue a copy of the rest. Returns `PeerGone` if the peer closed.
-pub(crate) fn send_nonblocking<W: Write>(
+/// How long a server keeps writing a response straight from the caller's buffers while the
+/// client is draining it, before it copies the rest and moves on.
+pub(crate) const DIRECT_WRITE_BUDGET: Duration = Duration::from_millis(25);
+/// A client that takes nothing for this long is treated as not reading: the rest of its
+/// response is copied and sent later, so it never holds up the other slots for longer.
+pub(crate) const DIRECT_WRITE_STALL: Duration = Duration::from_millis(2);
+
+/// Send a frame without blocking on a client that does not read: write straight from the
+/// tensors while the peer takes the bytes (a client waiting for its answer drains the
+/// socket as fast as it is filled), and once it stalls for `DIRECT_WRITE_STALL`, or
+/// `DIRECT_WRITE_BUDGET` has passed, queue a copy of the rest for `wait_any` to finish.
+/// Returns `PeerGone` if the peer closed.
+pub(crate) fn send_nonblocking<W: Write + AsFd>(
     dst: &mut W,
     queue: &mut OutQueue,
     meta: &Meta,
@@ -295,13 +307,19 @@ pub(crate) fn send_nonblocking<W: Write>(
             }
         }
     }
+    let start = Instant::now();
     let mut segs = Segments::new(&prefix, &lay, tensors);
     while !segs.is_done() {
         match segs.write_some(dst) {
             Ok(_) => {}
             Err(e) if is_would_block(&e) => {
-                queue.push(segs.rest());
-                return Ok(Flush::Pending);
+                let left = DIRECT_WRITE_BUDGET.saturating_sub(start.elapsed());
+                let mut fds = [PollFd::new(&*dst, PollFlags::OUT)];
+                let ready = !left.is_zero() && poll_fds(&mut fds, left.min(DIRECT_WRITE_STALL))? > 0;
+                if !ready {
+                    queue.push(segs.rest());
+                    return Ok(Flush::Pending);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if is_peer_gone(&e) => return Ok(Flush::PeerGone),

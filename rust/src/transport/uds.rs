@@ -30,6 +30,10 @@ use crate::transport::{
 /// Most requests a server reads ahead on one slot before it stops reading that client.
 const MAX_PENDING: usize = 8;
 
+/// Kernel send buffer asked for each connection: large enough to keep a big response
+/// streaming, small enough that the bytes are still in cache when the client copies them.
+const SNDBUF: usize = 1 << 20;
+
 fn lock_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".lock");
@@ -179,7 +183,7 @@ impl UdsServer {
                     stream
                         .set_nonblocking(true)
                         .at("cannot configure connection on", &self.path)?;
-                    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&stream, 4 << 20);
+                    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&stream, SNDBUF);
                     self.conns.push(Conn {
                         stream,
                         reader: FrameReader::new(HANDSHAKE_LIMITS),
@@ -658,7 +662,7 @@ impl UdsClient {
             }
         };
         stream.set_nonblocking(true).at("cannot configure", &path)?;
-        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&stream, 4 << 20);
+
         let nonce = rand_u64();
         let mut c = UdsClient {
             path,
