@@ -8,6 +8,10 @@ Server and client run in separate processes. Two workloads:
 * large: the typical sampled-teacher answer: a [8, 512] int64 request answered by
   [8, 511, 256] int64 indices + [8, 511, 256] float32 values (12.6 MB).
 
+The "shared_memory in place" arm answers through reserve/fill/publish: the server writes
+the response straight into the shared buffer instead of filling its own arrays and having
+write_tensor_slot copy them (the teacher's path on shared memory).
+
 In every arm the server writes every byte of every response (it refills its output arrays
 with the request's sequence number), and the client's data is checked against the
 expected bytes after the timed loop. Baselines: one numpy copy of the same bytes (the
@@ -50,9 +54,9 @@ def _answer(req, small, idx, val):
     return [idx, val]
 
 
-def _sensai_server(kind: str, path: str, ready, stop) -> None:
-    from sensai.transports import create_transport
+def _sensai_server(kind: str, path: str, ready, stop, in_place: bool = False) -> None:
     from sensai.errors import TransportTimeout
+    from sensai.transports import create_transport
 
     transport, _ = create_transport(kind, path=path, num_slots=1, max_nbytes=64 << 20)
     small, idx, val = _responses()
@@ -65,7 +69,21 @@ def _sensai_server(kind: str, path: str, ready, stop) -> None:
                 continue
             for s in slots:
                 req = transport.read_tensor_slot(s)
-                transport.write_tensor_slot(s, _answer(req, small, idx, val))
+                if in_place and req.shape != (1, 8):
+                    # Shared memory's loan-then-send path: write the answer straight into the
+                    # shared buffer (what a teacher does with torch.from_numpy(view).copy_(t)).
+                    seq = int(req.reshape(-1)[0])
+                    del req
+                    r = transport.reserve_slot(
+                        s, [("int64", LARGE_SHAPE), ("float32", LARGE_SHAPE)]
+                    )
+                    out_idx, out_val = r.arrays()
+                    out_idx.fill(seq)
+                    out_val.fill(float(seq % 1000))
+                    del out_idx, out_val
+                    transport.publish(r)
+                else:
+                    transport.write_tensor_slot(s, _answer(req, small, idx, val))
     finally:
         transport.close()
 
@@ -129,14 +147,16 @@ def _measure(request, n_small: int, n_large: int) -> dict:
     }
 
 
-def bench_sensai(kind: str, n_small: int, n_large: int) -> dict:
+def bench_sensai(kind: str, n_small: int, n_large: int, in_place: bool = False) -> dict:
     from sensai.transports import connect, format_address
 
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="sensai-bench-") as tmp:
         path = os.path.join(tmp, "ep")
         ready, stop = ctx.Event(), ctx.Event()
-        proc = ctx.Process(target=_sensai_server, args=(kind, path, ready, stop), daemon=True)
+        proc = ctx.Process(
+            target=_sensai_server, args=(kind, path, ready, stop, in_place), daemon=True
+        )
         proc.start()
         if not ready.wait(60):
             raise RuntimeError(f"{kind} server did not start")
@@ -176,7 +196,12 @@ def bench_numpy_copy(n_large: int) -> dict:
         np.copyto(dst_v, val)
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    return {"small_p50_us": None, "small_p99_us": None, "large_ms": med * 1e3, "large_gbps": LARGE_BYTES / med / 1e9}
+    return {
+        "small_p50_us": None,
+        "small_p99_us": None,
+        "large_ms": med * 1e3,
+        "large_gbps": LARGE_BYTES / med / 1e9,
+    }
 
 
 def main() -> None:
@@ -189,7 +214,12 @@ def main() -> None:
 
     from sensai.transports import TRANSPORT_KINDS
 
-    arms: dict[str, object] = {k: (lambda k=k: bench_sensai(k, args.small, args.large)) for k in TRANSPORT_KINDS}
+    arms: dict[str, object] = {
+        k: (lambda k=k: bench_sensai(k, args.small, args.large)) for k in TRANSPORT_KINDS
+    }
+    arms["shared_memory in place"] = lambda: bench_sensai(
+        "shared_memory", args.small, args.large, in_place=True
+    )
     arms["numpy copy (floor)"] = lambda: bench_numpy_copy(args.large)
     arms["mp.Pipe + pickle"] = lambda: bench_mp_pipe(args.small, args.large)
     if args.arms != "all":
@@ -202,16 +232,29 @@ def main() -> None:
         results[name] = fn()
 
     floor = results.get("numpy copy (floor)", {}).get("large_ms")
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"{'arm':22s} {'small p50':>10s} {'small p99':>10s} {'12.6 MB rt':>11s} {'GB/s':>6s} {'x copy':>7s}")
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
+    print(
+        f"{'arm':22s} {'small p50':>10s} {'small p99':>10s} {'12.6 MB rt':>11s} "
+        f"{'GB/s':>6s} {'x copy':>7s}"
+    )
     for name, r in results.items():
         p50 = f"{r['small_p50_us']:.1f} us" if r["small_p50_us"] is not None else "-"
         p99 = f"{r['small_p99_us']:.1f} us" if r["small_p99_us"] is not None else "-"
         ratio = f"{r['large_ms'] / floor:.2f}" if floor else "-"
-        print(f"{name:22s} {p50:>10s} {p99:>10s} {r['large_ms']:>8.2f} ms {r['large_gbps']:>6.2f} {ratio:>7s}")
+        print(
+            f"{name:22s} {p50:>10s} {p99:>10s} {r['large_ms']:>8.2f} ms "
+            f"{r['large_gbps']:>6.2f} {ratio:>7s}"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": platform.platform(), "cores": os.cpu_count(), "results": results}, f, indent=2)
+            json.dump(
+                {"machine": platform.platform(), "cores": os.cpu_count(), "results": results},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from sensai.errors import PeerGoneError, SensAIError, TransportTimeout
 from sensai.transports import connect, create_transport, format_address
 
 # Every transport kind the suite runs against.
-KINDS = ["unix_socket", "named_pipe"]
+KINDS = ["unix_socket", "named_pipe", "shared_memory"]
 
 MP = multiprocessing.get_context("forkserver")
 MP.set_forkserver_preload(["numpy", "sensai", "transport_helpers"])

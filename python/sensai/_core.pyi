@@ -1,6 +1,6 @@
 """Type stubs for the Rust extension module ``sensai._core``."""
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,6 +27,8 @@ class Message:
     def is_list(self) -> bool: ...
     @property
     def dtypes(self) -> list[str]: ...
+    @property
+    def has_bfloat16(self) -> bool: ...
     @property
     def nbytes(self) -> int: ...
     def __len__(self) -> int: ...

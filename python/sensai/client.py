@@ -14,7 +14,9 @@ class SensAIClient:
     def __init__(self, transport: Any) -> None:
         self.transport = transport
 
-    def send_tensor(self, tensor: Any, interval: float = 0.001, timeout: float | None = None) -> Any:
+    def send_tensor(
+        self, tensor: Any, interval: float = 0.001, timeout: float | None = None
+    ) -> Any:
         """Send ``tensor`` (an array or a list) and return the server's answer.
 
         Built-in transports block efficiently (``interval`` is ignored); a user transport

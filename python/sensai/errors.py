@@ -66,7 +66,9 @@ class RemoteError(SensAIError):
     def __init__(self, code: int, message: str) -> None:
         self.code = int(code)
         self.message = message
-        super().__init__(f"server error {self.code} ({_CODE_NAMES.get(self.code, 'unknown')}): {message}")
+        super().__init__(
+            f"server error {self.code} ({_CODE_NAMES.get(self.code, 'unknown')}): {message}"
+        )
 
     def __reduce__(self):  # keep picklable across DataLoader workers
         return (type(self), (self.code, self.message))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+import traceback
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -55,19 +57,28 @@ class SensAIServer:
             result = fn(request)
             if not _is_tensor_result(result):
                 raise TypeError(
-                    f"the processing function must return an array or a list of arrays, got {type(result).__name__}"
+                    "the processing function must return an array or a list of arrays, "
+                    f"got {type(result).__name__}"
                 )
         except Exception as e:  # noqa: BLE001 - a handler failure is reported to its client
-            log.error("slot %d: request failed: %s", slot_id, e)
-            self._answer_error(slot_id, ERROR_CODES["INTERNAL"], f"{type(e).__name__}: {e}")
+            text = f"{type(e).__name__}: {e}"
+            # On shared memory the request arrays are views of the client's request buffer,
+            # which the client gets back only once they are gone. A logged or kept exception
+            # reaches them through its traceback's frames: clear those and drop our references.
+            traceback.clear_frames(e.__traceback__)
+            request = result = None
+            log.error("slot %d: request failed: %s", slot_id, text)
+            self._answer_error(slot_id, ERROR_CODES["INTERNAL"], text)
             return True
         try:
             self.transport.write_tensor_slot(slot_id, result)
         except PeerGoneError as e:
-            log.info("slot %d: client left before its answer: %s", slot_id, e)
+            log.info("slot %d: client left before its answer: %s", slot_id, str(e))
         except SensAIError as e:
-            log.error("slot %d: cannot send the response: %s", slot_id, e)
-            self._answer_error(slot_id, ERROR_CODES["CAPACITY"], str(e))
+            text = str(e)
+            request = result = None  # release the request buffer before answering
+            log.error("slot %d: cannot send the response: %s", slot_id, text)
+            self._answer_error(slot_id, ERROR_CODES["CAPACITY"], text)
         return True
 
     def serve_forever(self, fn: Callable[[Any], Any], poll_timeout: float = 0.5) -> None:

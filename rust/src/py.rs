@@ -344,6 +344,15 @@ impl PyMessage {
             .map(|t| t.dtype.name())
             .collect()
     }
+    /// Whether any tensor is bfloat16 (delivered as uint16 words).
+    #[getter]
+    fn has_bfloat16(&self) -> bool {
+        self.msg
+            .decoded()
+            .tensors
+            .iter()
+            .any(|t| t.dtype == DType::BFloat16)
+    }
     /// Total frame size in bytes.
     #[getter]
     fn nbytes(&self) -> usize {

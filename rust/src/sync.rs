@@ -7,10 +7,13 @@
 //! layout) on its own 64-byte cache line. All are naturally aligned and only ever accessed
 //! atomically; the file is native-endian (client and server run on the same machine).
 //!
-//! * **Ring counters** (`u64`, never wrap in practice): each ring of K buffers has a `head`
-//!   (count of buffers published, written only by the producer) and a `tail` (count of
-//!   buffers released, written only by the consumer). Buffer `seq` lives at index
-//!   `seq % K`. The producer may write buffer `head` only while `head - tail < K`.
+//! * **Ring counters** (`u64`, never wrap in practice): each ring has a pool of K buffers
+//!   and a queue of K buffer indices with a `head` (count of entries published, written only
+//!   by the producer) and a `tail` (count of entries popped, written only by the consumer);
+//!   entry `pos` lives at queue index `pos % K`.
+//! * **Buffer states** (`u64`, one per buffer): free, busy (the producer fills it, or it
+//!   waits in the queue) or held by a received message of process `pid`. Only the producer
+//!   takes a buffer out of the free state; whoever holds it puts it back.
 //! * **Events** ([`Event`]): a `u32` sequence number plus a `u32` count of sleepers. A
 //!   notifier bumps the sequence after making its change visible; a waiter that found
 //!   nothing to do sleeps in `FUTEX_WAIT` on the sequence value it read *before* checking.
@@ -19,19 +22,21 @@
 //!
 //! ```text
 //! producer                                   consumer
-//! h = head (own word, relaxed)               t = tail (own word)
-//! wait until h - tail.load(Acquire) < K      h = head.load(Acquire)       -- (2) pairs with (1)
-//! write the frame into buffer h % K          read the frame in buffer t % K (t < h)
-//! head.store(h + 1, Release)     -- (1)      tail.store(t + 1, Release)   -- (3)
-//! event.notify()                             (producer's tail.load(Acquire) pairs with (3))
+//! find b with state[b].load(Acquire) == free h = head.load(Acquire)       -- (2) pairs with (1)
+//!   -- (4) pairs with (5); state[b] = busy   b = queue[t % K] (t = own tail < h)
+//! write the frame into buffer b              state[b] = held(pid); tail.store(t + 1, Release)
+//! queue[h % K] = b                           read the frame in buffer b, as long as it is held
+//! head.store(h + 1, Release)     -- (1)      state[b].store(free, Release) -- (5)
+//! event.notify()
 //! ```
 //!
-//! The release store (1) orders the frame bytes before the new head; the consumer's acquire
-//! load (2) makes them visible before it reads them. Symmetrically, (3) orders the
-//! consumer's last read of a buffer before the producer may reuse it. The consumer may hold
-//! several buffers at once and release them out of order (a received message is a view into
-//! its buffer); the tail only ever advances over a *prefix* of released buffers, tracked in
-//! process-local flags (`transport::shm`), so a held buffer is never handed back.
+//! The release store (1) orders the frame bytes and the queue entry before the new head; the
+//! consumer's acquire load (2) makes them visible before it reads them. Symmetrically, (5)
+//! orders the consumer's last read of a buffer before the producer's acquire load (4) lets it
+//! reuse the buffer. A received message is a view into its buffer and holds it; messages may
+//! be dropped in any order, and one kept alive costs one buffer, never the whole ring. Each
+//! queued entry is a distinct busy buffer, so a producer that found a free buffer also finds
+//! a free queue position.
 //!
 //! # Wake-ups without lost notifications
 //!
@@ -69,11 +74,14 @@
 //! `ack_seq`. A client claims a slot with `compare_exchange(0 or a dead pid -> own pid)`,
 //! then bumps `attach_seq` (Release), rings the doorbell and waits until `ack_seq` equals
 //! its attach number. The server, seeing `attach_seq != ack_seq`, drops what the previous
-//! holder left (unread requests, unanswered ids, open reservations), stores `ack_seq`
-//! (Release) and notifies the slot's response event. The client's acquire load of `ack_seq`
-//! then orders all earlier server writes to the rings before the client reads the counters,
-//! so it starts from the current `head` of the response ring and never sees a response meant
-//! for its predecessor.
+//! holder left (unread requests, request buffers it left busy, unanswered ids, open
+//! reservations), stores `ack_seq` (Release) and notifies the slot's response event. The
+//! client's acquire load of `ack_seq` then orders all earlier server writes to the rings
+//! before the client reads the counters: it frees the responses still queued and the buffers
+//! held by dead processes, and starts from the current `head` of the response ring, so it
+//! never sees a response meant for its predecessor. A client gives its lease back when it is
+//! closed (compare-exchange from its pid to 0), whether or not its messages are still alive:
+//! the buffers they hold stay marked with its pid until they are dropped.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

@@ -58,11 +58,19 @@ def default_path(kind: str) -> str:
     if kind == "named_pipe":
         return os.path.join(base, f"sensai-{pid}-pipes")
     if kind == "shared_memory":
-        return f"/dev/shm/sensai-{pid}" if os.path.isdir("/dev/shm") else os.path.join(base, f"sensai-{pid}.shm")
-    raise ValueError(f"unknown transport kind {kind!r}; expected one of {', '.join(TRANSPORT_KINDS)}")
+        return (
+            f"/dev/shm/sensai-{pid}"
+            if os.path.isdir("/dev/shm")
+            else os.path.join(base, f"sensai-{pid}.shm")
+        )
+    raise ValueError(
+        f"unknown transport kind {kind!r}; expected one of {', '.join(TRANSPORT_KINDS)}"
+    )
 
 
-def create_transport(kind: str, path: str | None = None, num_slots: int | None = None, **kwargs: Any):
+def create_transport(
+    kind: str, path: str | None = None, num_slots: int | None = None, **kwargs: Any
+):
     """Create a server endpoint; returns ``(endpoint, path)`` like the seed's.
 
     ``num_clients`` is accepted as the seed's name for ``num_slots`` (default 1). Other
@@ -70,7 +78,9 @@ def create_transport(kind: str, path: str | None = None, num_slots: int | None =
     endpoint's constructor.
     """
     if kind not in _SERVERS:
-        raise ValueError(f"unknown transport kind {kind!r}; expected one of {', '.join(TRANSPORT_KINDS)}")
+        raise ValueError(
+            f"unknown transport kind {kind!r}; expected one of {', '.join(TRANSPORT_KINDS)}"
+        )
     if "num_clients" in kwargs:
         n = kwargs.pop("num_clients")
         num_slots = n if num_slots is None else num_slots

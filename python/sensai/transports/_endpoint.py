@@ -8,7 +8,7 @@ bfloat16 tensor, since numpy has no bfloat16.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,13 +24,17 @@ DEFAULT_MAX_NBYTES = 256 << 20
 
 
 def _one_to_wire(x: Any, index: int) -> tuple[np.ndarray, str | None]:
+    if type(x) is np.ndarray and x.flags.c_contiguous and x.dtype.byteorder != ">":
+        return x, None  # the common case, sent as it is
     if isinstance(x, np.ndarray):
         arr = x
     elif type(x).__module__.startswith("torch"):
         import torch
 
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"tensor {index}: expected a numpy array or torch tensor, got {type(x).__name__}")
+            raise TypeError(
+                f"tensor {index}: expected a numpy array or torch tensor, got {type(x).__name__}"
+            )
         t = x.detach()
         if t.device.type != "cpu":
             t = t.cpu()
@@ -41,7 +45,9 @@ def _one_to_wire(x: Any, index: int) -> tuple[np.ndarray, str | None]:
     elif isinstance(x, (np.generic, int, float, bool)):
         arr = np.asarray(x)
     else:
-        raise TypeError(f"tensor {index}: expected a numpy array or torch tensor, got {type(x).__name__}")
+        raise TypeError(
+            f"tensor {index}: expected a numpy array or torch tensor, got {type(x).__name__}"
+        )
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     return np.asarray(arr, order="C"), None
@@ -59,15 +65,15 @@ def to_wire(tensor_or_list: Any) -> tuple[list[np.ndarray], list[str | None] | N
     return arrays, (overrides if any(o is not None for o in overrides) else None), is_list
 
 
-def from_message(msg: "_core.Message") -> Any:
+def from_message(msg: _core.Message) -> Any:
     """The tensors of a received message: an array, or a list when a list was sent."""
-    arrays = list(msg.arrays())
-    if "bfloat16" in msg.dtypes:
+    arrays = msg.arrays()
+    if msg.has_bfloat16:
         import torch
 
         arrays = [
             torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if d == "bfloat16" else a
-            for a, d in zip(arrays, msg.dtypes)
+            for a, d in zip(arrays, msg.dtypes, strict=True)
         ]
     if msg.is_list:
         return arrays
@@ -92,12 +98,18 @@ class ServerEndpointBase(Transport):
         max_dims: int = 8,
     ) -> None:
         super().__init__(str(path), debug=debug, is_server=True)
-        self._core = self._make_core(str(path), int(num_slots), int(max_nbytes), int(max_tensors), int(max_dims))
+        self._core = self._make_core(
+            str(path), int(num_slots), int(max_nbytes), int(max_tensors), int(max_dims)
+        )
         self._num_slots = int(num_slots)
         self._debug(f"serving {num_slots} slot(s) on {path}")
 
-    def _make_core(self, path: str, num_slots: int, max_nbytes: int, max_tensors: int, max_dims: int):
-        return getattr(_core.ServerEndpoint, self._factory)(path, num_slots, max_nbytes, max_tensors, max_dims)
+    def _make_core(
+        self, path: str, num_slots: int, max_nbytes: int, max_tensors: int, max_dims: int
+    ):
+        return getattr(_core.ServerEndpoint, self._factory)(
+            path, num_slots, max_nbytes, max_tensors, max_dims
+        )
 
     # -- seed API -------------------------------------------------------------------
     def supports_multi_tensor(self) -> bool:
@@ -111,7 +123,8 @@ class ServerEndpointBase(Transport):
         msg = self._core.recv(slot_id)
         if msg is None:
             return None
-        self._debug(f"slot {slot_id}: {msg!r}")
+        if self.debug:
+            self._debug(f"slot {slot_id}: {msg!r}")
         return from_message(msg)
 
     def write_tensor_slot(self, slot_id: int, tensor: Any) -> None:
@@ -126,7 +139,7 @@ class ServerEndpointBase(Transport):
         self._core.close()
 
     # -- richer API -----------------------------------------------------------------
-    def recv_message(self, slot_id: int) -> "_core.Message | None":
+    def recv_message(self, slot_id: int) -> _core.Message | None:
         """The next request as a raw message (header fields and zero-copy arrays)."""
         return self._core.recv(slot_id)
 
@@ -189,7 +202,9 @@ class ClientEndpointBase(ClientMixin, Transport):
         connect_timeout: float | None = 30.0,
     ) -> None:
         super().__init__(str(path), debug=debug, is_server=False)
-        self._core = getattr(_core.ClientEndpoint, self._factory)(str(path), slot_id, connect_timeout)
+        self._core = getattr(_core.ClientEndpoint, self._factory)(
+            str(path), slot_id, connect_timeout
+        )
         self.slot_id = self._core.slot_id
         self._outstanding = 0
         self._debug(f"connected to {path} on slot {self.slot_id}")
@@ -199,7 +214,10 @@ class ClientEndpointBase(ClientMixin, Transport):
 
     def _check_slot(self, slot_id: int) -> None:
         if slot_id != self.slot_id:
-            raise RoleError(f"this client holds slot {self.slot_id} of {self.path}; it cannot use slot {slot_id}")
+            raise RoleError(
+                f"this client holds slot {self.slot_id} of {self.path}; "
+                f"it cannot use slot {slot_id}"
+            )
 
     def write_tensor_slot(self, slot_id: int, tensor: Any) -> None:
         self._check_slot(slot_id)
@@ -240,12 +258,19 @@ class ClientEndpointBase(ClientMixin, Transport):
         return from_message(self.request_message(tensor, timeout=timeout))
 
     def request_message(
-        self, tensor: Any, *, tag: int = 0, value: int = 0, kind: str = "request", timeout: float | None = None
-    ) -> "_core.Message":
+        self,
+        tensor: Any,
+        *,
+        tag: int = 0,
+        value: int = 0,
+        kind: str = "request",
+        timeout: float | None = None,
+    ) -> _core.Message:
         """Like :meth:`request`, returning the raw message (header fields, zero-copy arrays)."""
         if self._outstanding:
             raise SensAIError(
-                f"{self._outstanding} response(s) on slot {self.slot_id} are still unread; read them first"
+                f"{self._outstanding} response(s) on slot {self.slot_id} are still unread; "
+                "read them first"
             )
         arrays, dtypes, is_list = to_wire(tensor)
         return self._core.request(arrays, dtypes, is_list, tag, value, kind, timeout)

@@ -1,7 +1,11 @@
 """Shared-memory transport: slot rings in one mapped file, futex wake-up, zero copy.
 
 Received arrays are numpy views of the shared buffer (no copy); the buffer is reused only
-after every view of it is gone. A server can also write a response in place:
+after every view of it is gone. Each slot has ``ring_depth`` response buffers: every message
+a client keeps alive holds one, and a request needs one free for its answer, so a client that
+keeps more than ``ring_depth - 1`` responses alive gets ``CapacityError`` until it drops some
+(copy what you keep for long). Closing a client frees its slot at once; views it handed out
+stay valid. A server can also write a response in place:
 
     r = server.reserve_slot(slot_id, [("int64", (8, 511, 256)), ("float32", (8, 511, 256))])
     idx, val = r.arrays()
@@ -11,14 +15,24 @@ after every view of it is gone. A server can also write a response in place:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .. import _core
-from ._endpoint import DEFAULT_MAX_NBYTES, ClientEndpointBase, ServerEndpointBase
+from ._endpoint import ClientEndpointBase, ServerEndpointBase
 
-__all__ = ["SharedMemoryServer", "SharedMemoryClient", "DEFAULT_RING_DEPTH"]
+__all__ = [
+    "SharedMemoryServer",
+    "SharedMemoryClient",
+    "DEFAULT_RING_DEPTH",
+    "DEFAULT_SHM_MAX_NBYTES",
+]
 
 DEFAULT_RING_DEPTH = 2
+#: Default capacity of one buffer: 64 MiB of tensor data, enough for an [8, 2047, 256] sampled
+#: response (50 MB). The file holds 2 x ring_depth buffers per slot, reserved up front in
+#: /dev/shm (memory), so a slot costs 256 MiB with the defaults.
+DEFAULT_SHM_MAX_NBYTES = 64 << 20
 
 
 class SharedMemoryServer(ServerEndpointBase):
@@ -33,7 +47,7 @@ class SharedMemoryServer(ServerEndpointBase):
         self,
         path: str,
         num_slots: int,
-        max_nbytes: int = DEFAULT_MAX_NBYTES,
+        max_nbytes: int = DEFAULT_SHM_MAX_NBYTES,
         max_tensors: int = 4,
         max_dims: int = 8,
         debug: bool = False,
@@ -42,10 +56,17 @@ class SharedMemoryServer(ServerEndpointBase):
     ) -> None:
         self._ring_depth = int(ring_depth)
         super().__init__(
-            path, num_slots, debug, max_nbytes=max_nbytes, max_tensors=max_tensors, max_dims=max_dims
+            path,
+            num_slots,
+            debug,
+            max_nbytes=max_nbytes,
+            max_tensors=max_tensors,
+            max_dims=max_dims,
         )
 
-    def _make_core(self, path: str, num_slots: int, max_nbytes: int, max_tensors: int, max_dims: int):
+    def _make_core(
+        self, path: str, num_slots: int, max_nbytes: int, max_tensors: int, max_dims: int
+    ):
         return _core.ServerEndpoint.shared_memory(
             path, num_slots, max_nbytes, max_tensors, max_dims, self._ring_depth
         )
@@ -62,7 +83,7 @@ class SharedMemoryServer(ServerEndpointBase):
         is_list: bool | None = None,
         tag: int = 0,
         value: int = 0,
-    ) -> "_core.Reservation":
+    ) -> _core.Reservation:
         """Reserve the response to the oldest unanswered request on ``slot_id``.
 
         ``specs`` lists ``(dtype_name, shape)`` per tensor. Fill ``reservation.arrays()`` in
@@ -72,7 +93,7 @@ class SharedMemoryServer(ServerEndpointBase):
         specs = [(str(d), [int(x) for x in shape]) for d, shape in specs]
         return self._core.reserve(slot_id, specs, lst, tag, value)
 
-    def publish(self, reservation: "_core.Reservation") -> None:
+    def publish(self, reservation: _core.Reservation) -> None:
         """Send a filled reservation to its client."""
         self._core.publish(reservation)
 
@@ -82,5 +103,7 @@ class SharedMemoryClient(ClientEndpointBase):
 
     _factory = "shared_memory"
 
-    def __init__(self, path: str, slot_id: int | None = None, debug: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, path: str, slot_id: int | None = None, debug: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(path, slot_id, debug, **kwargs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -54,7 +54,9 @@ class Transport(ABC):
     def read_tensor_slot(self, slot_id: int) -> np.ndarray | list[np.ndarray] | None: ...
 
     @abstractmethod
-    def write_tensor_slot(self, slot_id: int, tensor: np.ndarray | Sequence[np.ndarray]) -> None: ...
+    def write_tensor_slot(
+        self, slot_id: int, tensor: np.ndarray | Sequence[np.ndarray]
+    ) -> None: ...
 
     @abstractmethod
     def close(self) -> None: ...

@@ -431,6 +431,20 @@ impl ServerEndpoint for FifoServer {
         interrupt: Interrupt<'_>,
     ) -> Result<Vec<usize>> {
         let deadline = Deadline::after(timeout);
+        // Requests tend to follow each other closely: look again without blocking for a
+        // short while before sleeping in poll.
+        let spin_end = std::time::Instant::now() + stream::SPIN;
+        loop {
+            self.pump(Duration::ZERO)?;
+            let ready = self.ready_slots();
+            if !ready.is_empty()
+                || timeout == Some(Duration::ZERO)
+                || std::time::Instant::now() >= spin_end
+            {
+                break;
+            }
+            std::hint::spin_loop();
+        }
         loop {
             let ready = self.ready_slots();
             if !ready.is_empty() {
@@ -612,6 +626,13 @@ impl FifoClient {
         deadline: &Deadline,
         interrupt: Interrupt<'_>,
     ) -> Result<FifoClient> {
+        // A directory we may not enter belongs to another user: say so now, not after the
+        // connect timeout.
+        if let Err(e) = std::fs::metadata(server_lock_path(dir)) {
+            if e.kind() == ErrorKind::PermissionDenied {
+                return Err(Error::io_path("cannot reach the server at", dir, e));
+            }
+        }
         let server_pid = read_pid(&server_lock_path(dir))
             .filter(|p| pid_alive(*p))
             .ok_or_else(|| Error::PeerGone(format!("no server is running on {}", dir.display())))?;

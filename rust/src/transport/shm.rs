@@ -22,8 +22,18 @@
 //!        +64 request head u64   +128 request tail u64
 //!        +192 response head u64 +256 response tail u64
 //!        +320 response event    +384 request-space event
-//!        +512 K request buffers, then K response buffers, `capacity` bytes each
+//!        +512  request ring:  queue of 64 buffer indices u32 | +768  64 buffer states u64
+//!        +1280 response ring: queue of 64 buffer indices u32 | +1536 64 buffer states u64
+//!        +2048 K request buffers, then K response buffers, `capacity` bytes each
 //! ```
+//!
+//! Each direction of a slot is a *pool* of K buffers plus a queue of K buffer indices
+//! (head/tail counters as in [`crate::sync`]). A buffer's state word says who has it: free,
+//! busy (the producer writes it, or it waits in the queue), or held by a received message of
+//! process `pid` (`HELD | pid`). The producer fills any free buffer and queues its index; the
+//! consumer pops the index at once and marks the buffer held until the message is dropped.
+//! So messages may be dropped in any order, and one message kept alive costs one buffer
+//! (never the whole ring).
 //!
 //! `capacity` is `limits.max_frame_len()` rounded up to 64, so every frame the limits admit
 //! fits one buffer, and every buffer starts 64-byte aligned. A buffer holds one complete
@@ -33,13 +43,19 @@
 //!
 //! # Zero copy and buffer ownership
 //!
-//! A received [`Message`] is a view of its ring buffer ([`ShmLease`]); the buffer goes back
-//! to the producer when the message is dropped (the tail advances over a prefix of released
-//! buffers, so messages may be dropped in any order). On the client, a send is refused with
-//! [`Error::Capacity`] when the requests awaiting responses plus the received messages still
-//! alive would exceed the K response buffers, so the server always has room for the answer
-//! of every request it receives from a well-behaved client. A client that is closed while
-//! messages are still alive keeps its slot leased until the last one is dropped.
+//! A received [`Message`] is a view of its buffer ([`ShmLease`]); the buffer goes back to
+//! the producer's pool when the message is dropped, in any order. On the client, a send is
+//! refused with [`Error::Capacity`] when the requests awaiting responses plus the response
+//! buffers held by messages still alive would exceed the K response buffers, so the server
+//! always has room for the answer of every request it receives from a well-behaved client.
+//! Answers to requests the client gave up on (a timed-out `recv_for`) are discarded by the
+//! next send that needs their buffers, waiting for them within its own timeout.
+//!
+//! A client that is closed gives its slot up at once, even while some of its messages are
+//! alive: the buffers they hold stay marked held by its pid, untouched, and the slot's next
+//! client simply has fewer free response buffers until they are dropped. A client that
+//! attaches frees whatever its predecessor left: queued responses it never read, and buffers
+//! held by a process that is dead.
 //!
 //! The server writes responses in place: [`ShmServer::reserve`] lays out the frame in the
 //! next response buffer and hands out the tensors' bytes to fill, [`ShmServer::publish`]
@@ -51,7 +67,8 @@
 //! # Liveness
 //!
 //! A client's lease records its pid: a lease whose pid is dead is reclaimed by the next
-//! client that attaches, and the server then drops that slot's unread requests. A waiting
+//! client that attaches, and the server then drops that slot's unread requests and the
+//! request buffers the dead client left half-written. A waiting
 //! client checks every [`INTERRUPT_CHECK`] that the server's pid is alive and that it did not
 //! close the file, and ends with [`Error::PeerGone`]. (Pids are compared in the caller's pid
 //! namespace: server and clients must share one.)
@@ -70,7 +87,7 @@ use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -87,7 +104,7 @@ use crate::transport::{
 /// Magic at offset 0 of a shared-memory file (distinct from the frame magic).
 pub const SHM_MAGIC: [u8; 8] = *b"SNSAshm\0";
 /// Version of the file layout described in the module docs.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Where a bare file name (no directory) is created.
 pub const DEFAULT_DIR: &str = "/dev/shm";
 /// Bounds on the ring depth K.
@@ -101,7 +118,21 @@ pub const MAX_SLOTS: usize = 4096;
 const READY: u32 = 0x5944_4552; // "REDY"
 const CLOSED: u32 = 0x4553_4c43; // "CLSE"
 const HEADER_REGION: u64 = 4096;
-const CTRL_LEN: u64 = 512;
+const CTRL_LEN: u64 = 2048;
+
+/// Buffer states (the per-buffer words of a ring).
+const FREE: u64 = 0;
+const BUSY: u64 = 1;
+const HELD: u64 = 1 << 32;
+
+fn held_by(pid: u32) -> u64 {
+    HELD | u64::from(pid)
+}
+
+/// The pid in a `HELD | pid` state, or `None` for any other state.
+fn holder_of(state: u64) -> Option<u32> {
+    (state >> 32 == 1).then_some(state as u32)
+}
 const PAGE: u64 = 4096;
 
 /// Byte offsets of the words in the header and in a slot's control block.
@@ -129,6 +160,12 @@ mod off {
     pub const RESP_TAIL: usize = 256;
     pub const RESP_EVENT: usize = 320;
     pub const REQ_SPACE_EVENT: usize = 384;
+    /// Queue of buffer indices (u32 each) of the request ring; the response ring's is
+    /// `RING_STRIDE` further.
+    pub const QUEUE: usize = 512;
+    /// Buffer states (u64 each) of the request ring.
+    pub const STATES: usize = 768;
+    pub const RING_STRIDE: usize = 768;
 }
 
 /// A bare file name goes under [`DEFAULT_DIR`]; anything with a directory stays as given.
@@ -200,8 +237,9 @@ impl Geometry {
         (HEADER_REGION + slot as u64 * self.slot_stride) as usize
     }
 
-    fn buf_off(&self, slot: usize, response: bool, seq: u64) -> usize {
-        let idx = seq % self.depth as u64 + if response { self.depth as u64 } else { 0 };
+    /// Offset of buffer `buf` (< depth) of a ring.
+    fn buf_off(&self, slot: usize, response: bool, buf: u32) -> usize {
+        let idx = u64::from(buf) + if response { self.depth as u64 } else { 0 };
         self.slot_base(slot) + (CTRL_LEN + idx * self.capacity) as usize
     }
 }
@@ -250,132 +288,152 @@ impl Region {
         Event::new(self.slot_u32(slot, field), self.slot_u32(slot, field + 4))
     }
 
-    /// Start of a ring buffer (`capacity` bytes, inside the mapping).
-    fn buf_ptr(&self, slot: usize, response: bool, seq: u64) -> *mut u8 {
+    /// Start of buffer `buf` (< depth) of a ring (`capacity` bytes, inside the mapping).
+    fn buf_ptr(&self, slot: usize, response: bool, buf: u32) -> *mut u8 {
         self.map
             .as_mut_ptr()
-            .wrapping_add(self.geo.buf_off(slot, response, seq))
+            .wrapping_add(self.geo.buf_off(slot, response, buf))
     }
-}
 
-/// The consumer side of one ring in this process: which held buffers were released, so the
-/// shared tail advances only over a prefix of released buffers.
-struct Consumer {
-    region: Arc<Region>,
-    slot: usize,
-    /// Offset of the tail word within the slot.
-    tail_field: usize,
-    /// Event to notify after the tail advanced (the request-space event), if any.
-    space_event: Option<usize>,
-    state: Mutex<ConsumerState>,
-    /// Client only: the slot lease to give back when the last holder (the client or one of
-    /// its messages) is dropped.
-    lease_pid: Option<u32>,
-}
+    fn ring_base(response: bool) -> usize {
+        if response {
+            off::RING_STRIDE
+        } else {
+            0
+        }
+    }
 
-struct ConsumerState {
-    tail: u64,
-    released: Vec<bool>,
-}
+    /// The head (published) counter of a ring.
+    fn head(&self, slot: usize, response: bool) -> &AtomicU64 {
+        let field = if response {
+            off::RESP_HEAD
+        } else {
+            off::REQ_HEAD
+        };
+        self.slot_u64(slot, field)
+    }
 
-impl Consumer {
-    fn new(
-        region: Arc<Region>,
-        slot: usize,
-        tail_field: usize,
-        space_event: Option<usize>,
-        tail: u64,
-        lease_pid: Option<u32>,
-    ) -> Consumer {
-        let depth = region.geo.depth;
-        Consumer {
-            region,
+    /// The tail (popped) counter of a ring.
+    fn tail(&self, slot: usize, response: bool) -> &AtomicU64 {
+        let field = if response {
+            off::RESP_TAIL
+        } else {
+            off::REQ_TAIL
+        };
+        self.slot_u64(slot, field)
+    }
+
+    /// Queue entry for position `pos` of a ring: the index of the buffer published there.
+    fn queue(&self, slot: usize, response: bool, pos: u64) -> &AtomicU32 {
+        let i = (pos % self.geo.depth as u64) as usize;
+        self.slot_u32(slot, off::QUEUE + Self::ring_base(response) + 4 * i)
+    }
+
+    /// State word of buffer `buf` (< depth) of a ring.
+    fn state(&self, slot: usize, response: bool, buf: u32) -> &AtomicU64 {
+        debug_assert!((buf as usize) < self.geo.depth);
+        self.slot_u64(
             slot,
-            tail_field,
-            space_event,
-            state: Mutex::new(ConsumerState {
-                tail,
-                released: vec![false; depth],
-            }),
-            lease_pid,
+            off::STATES + Self::ring_base(response) + 8 * buf as usize,
+        )
+    }
+
+    /// A free buffer of a ring, marked busy; only the ring's producer calls this. `None` if
+    /// every buffer is busy or held.
+    fn take_free(&self, slot: usize, response: bool) -> Option<u32> {
+        (0..self.geo.depth as u32).find(|&b| {
+            let st = self.state(slot, response, b);
+            // Acquire: pairs with the consumer's release of the buffer, so its last reads
+            // happen before we overwrite the buffer. Only the producer leaves the free state.
+            if st.load(Ordering::Acquire) == FREE {
+                st.store(BUSY, Ordering::Relaxed);
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Queue buffer `buf` at position `head` and publish it (the producer's `head + 1`).
+    fn publish_buf(&self, slot: usize, response: bool, head: u64, buf: u32) {
+        self.queue(slot, response, head)
+            .store(buf, Ordering::Relaxed);
+        // Release: the frame bytes and the queue entry before the new head (the consumer
+        // loads it with acquire).
+        self.head(slot, response).store(head + 1, Ordering::Release);
+    }
+
+    /// Pop the entry at position `tail` (the consumer's own counter; the caller checked that
+    /// `tail < head`) and mark its buffer held by `pid`. Returns the buffer index.
+    fn pop(&self, slot: usize, response: bool, tail: u64, pid: u32) -> Result<u32> {
+        let b = self.queue(slot, response, tail).load(Ordering::Relaxed);
+        let ok = (b as usize) < self.geo.depth
+            && self.state(slot, response, b).load(Ordering::Acquire) == BUSY;
+        if ok {
+            self.state(slot, response, b)
+                .store(held_by(pid), Ordering::Relaxed);
+        }
+        // Release: our read of the queue entry before the producer may reuse the position.
+        self.tail(slot, response).store(tail + 1, Ordering::Release);
+        if ok {
+            Ok(b)
+        } else {
+            Err(Error::Protocol(format!(
+                "the {} queue of slot {slot} names buffer {b}, which is not a published buffer",
+                if response { "response" } else { "request" }
+            )))
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, ConsumerState> {
-        // The state is a few plain values always left consistent; a panic elsewhere while it
-        // was held does not invalidate it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Give buffer `buf` back to the producer.
+    fn release(&self, slot: usize, response: bool, buf: u32) {
+        // Release: our reads of the buffer before the producer's acquire in `take_free`.
+        self.state(slot, response, buf)
+            .store(FREE, Ordering::Release);
     }
 
-    /// The local tail: buffers before it are released.
-    fn tail(&self) -> u64 {
-        self.lock().tail
-    }
-
-    /// Release buffers `from..to` (each handed out at most once).
-    fn release(&self, from: u64, to: u64) {
-        let depth = self.region.geo.depth as u64;
-        let mut st = self.lock();
-        let old = st.tail;
-        for seq in from.max(st.tail)..to {
-            if seq - st.tail < depth {
-                st.released[(seq % depth) as usize] = true;
+    /// Free every buffer queued at positions `from..to` (entries nobody will read).
+    fn free_queued(&self, slot: usize, response: bool, from: u64, to: u64) {
+        for pos in from..to {
+            let b = self.queue(slot, response, pos).load(Ordering::Relaxed);
+            if (b as usize) < self.geo.depth {
+                self.release(slot, response, b);
             }
         }
-        while st.released[(st.tail % depth) as usize] {
-            let i = (st.tail % depth) as usize;
-            st.released[i] = false;
-            st.tail += 1;
-        }
-        if st.tail != old {
-            // Release: our reads of the buffers happen before the producer may reuse them.
-            self.region
-                .slot_u64(self.slot, self.tail_field)
-                .store(st.tail, Ordering::Release);
-            drop(st);
-            if let Some(ev) = self.space_event {
-                self.region.slot_event(self.slot, ev).notify();
-            }
-        }
+    }
+
+    /// Buffers of a ring held by received messages (of any process).
+    fn held_count(&self, slot: usize, response: bool) -> usize {
+        (0..self.geo.depth as u32)
+            .filter(|&b| holder_of(self.state(slot, response, b).load(Ordering::Acquire)).is_some())
+            .count()
     }
 }
 
-impl Drop for Consumer {
-    fn drop(&mut self) {
-        if let Some(pid) = self.lease_pid {
-            // Give the slot back, unless a new client already reclaimed it.
-            let _ = self
-                .region
-                .slot_u32(self.slot, off::LEASE)
-                .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
-            // Wake a server that waits for work so it sees the slot free promptly.
-            self.region.doorbell().notify();
-        }
-    }
-}
-
-/// A received frame's ring buffer, held until dropped (the storage of a shared-memory
+/// A received frame's buffer, held until dropped (the storage of a shared-memory
 /// [`Message`]).
 pub struct ShmLease {
-    consumer: Arc<Consumer>,
-    seq: u64,
+    /// Keeps the mapping alive while the message lives (also after its endpoint closed).
+    region: Arc<Region>,
+    slot: usize,
+    response: bool,
+    buf: u32,
     ptr: *mut u8,
     len: usize,
 }
 
-// SAFETY: the pointer targets a buffer of the shared mapping, which `consumer` keeps mapped
-// for the lease's lifetime; the ring protocol gives this lease sole ownership of the buffer
-// (the producer does not reuse it before `Drop` releases it), so it may move between threads.
+// SAFETY: the pointer targets a buffer of the shared mapping, which `region` keeps mapped
+// for the lease's lifetime; the buffer's state word marks it held, so no producer writes it
+// before `Drop` releases it, and the lease may move between threads.
 unsafe impl Send for ShmLease {}
-// SAFETY: shared access only reads the bytes (`as_slice`); the consumer's state is behind a
-// mutex.
+// SAFETY: shared access only reads the bytes (`as_slice`).
 unsafe impl Sync for ShmLease {}
 
 impl ShmLease {
     pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr..ptr + len` lies inside one ring buffer of the mapping (len <= the
         // buffer capacity, checked when the frame was decoded), the mapping outlives `self`
-        // through `consumer`, and the producer does not write the buffer while it is leased.
+        // through `region`, and the producer does not write the buffer while it is held.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
@@ -386,7 +444,13 @@ impl ShmLease {
 
 impl Drop for ShmLease {
     fn drop(&mut self) {
-        self.consumer.release(self.seq, self.seq + 1);
+        self.region.release(self.slot, self.response, self.buf);
+        if !self.response {
+            // A client may wait for a free request buffer.
+            self.region
+                .slot_event(self.slot, off::REQ_SPACE_EVENT)
+                .notify();
+        }
     }
 }
 
@@ -394,8 +458,11 @@ impl std::fmt::Debug for ShmLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "ShmLease(slot {}, buffer {}, {} bytes)",
-            self.consumer.slot, self.seq, self.len
+            "ShmLease(slot {}, {} buffer {}, {} bytes)",
+            self.slot,
+            if self.response { "response" } else { "request" },
+            self.buf,
+            self.len
         )
     }
 }
@@ -425,7 +492,10 @@ pub struct Reservation {
     _region: Arc<Region>,
     open: Arc<AtomicBool>,
     slot: usize,
-    seq: u64,
+    /// The response buffer (marked busy) being filled.
+    buf: u32,
+    /// Published: the buffer now belongs to the queue, not to this reservation.
+    sent: bool,
     epoch: u64,
     request_id: u64,
     ptr: *mut u8,
@@ -433,7 +503,7 @@ pub struct Reservation {
     nbytes: Vec<u64>,
 }
 
-// SAFETY: the pointer targets the response buffer `seq` of the mapping kept alive by
+// SAFETY: the pointer targets the response buffer `buf` of the mapping kept alive by
 // `region`; the client does not read it before it is published, and the server hands out
 // one open reservation per slot, so this object is its only writer on any thread.
 unsafe impl Send for Reservation {}
@@ -479,6 +549,10 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        if !self.sent {
+            // Cancelled: the buffer goes back to the pool unsent.
+            self._region.release(self.slot, true, self.buf);
+        }
         self.open.store(false, Ordering::Release);
     }
 }
@@ -497,8 +571,8 @@ impl std::fmt::Debug for Reservation {
 
 /// The server's view of one slot.
 struct ServerSlot {
-    requests: Arc<Consumer>,
-    /// Next request buffer to hand out.
+    /// Next request queue position to pop (the server is the only writer of the request
+    /// tail).
     read: u64,
     /// Next response buffer to publish (the server is the only writer of the response head).
     resp_head: u64,
@@ -525,6 +599,8 @@ pub struct ShmServer {
     num_slots: usize,
     slots: Vec<ServerSlot>,
     last_liveness: Instant,
+    /// This process's pid, marking the request buffers its messages hold.
+    pid: u32,
 }
 
 fn check_parent(path: &Path) -> Result<PathBuf> {
@@ -607,15 +683,7 @@ impl ShmServer {
         };
         let region = Arc::new(region);
         let slots = (0..num_slots)
-            .map(|s| ServerSlot {
-                requests: Arc::new(Consumer::new(
-                    Arc::clone(&region),
-                    s,
-                    off::REQ_TAIL,
-                    Some(off::REQ_SPACE_EVENT),
-                    0,
-                    None,
-                )),
+            .map(|_| ServerSlot {
                 read: 0,
                 resp_head: 0,
                 acked: 0,
@@ -635,6 +703,7 @@ impl ShmServer {
             num_slots,
             slots,
             last_liveness: Instant::now(),
+            pid: std::process::id(),
         })
     }
 
@@ -726,20 +795,32 @@ impl ShmServer {
         self.region.clone().ok_or(Error::Closed)
     }
 
-    /// Give up every buffer of the request ring not yet handed out.
-    fn drop_unread(region: &Region, slot: usize, st: &mut ServerSlot) {
-        let head = region.slot_u64(slot, off::REQ_HEAD).load(Ordering::Acquire);
+    /// Give up every request of `slot` not yet handed out. `producer_gone`: the client that
+    /// wrote them closed or died, so a request buffer still marked busy outside the queue
+    /// was left half-written and goes back to the pool too.
+    fn drop_unread(region: &Region, slot: usize, st: &mut ServerSlot, producer_gone: bool) {
+        let head = region.head(slot, false).load(Ordering::Acquire);
         let depth = region.geo.depth as u64;
-        let tail = st.requests.tail();
-        // A head outside tail..=tail+K is garbage; nothing in between is a frame.
-        let end = if head >= st.read && head <= tail + depth {
+        // A head outside read..=read+K is garbage; nothing in between is a frame.
+        let end = if head >= st.read && head - st.read <= depth {
             head
         } else {
             st.read
         };
-        st.requests.release(st.read, end);
+        region.free_queued(slot, false, st.read, end);
         st.read = end;
+        // Release: our reads of the queue entries before the client may reuse the positions.
+        region.tail(slot, false).store(end, Ordering::Release);
+        if producer_gone {
+            for b in 0..depth as u32 {
+                let state = region.state(slot, false, b);
+                if state.load(Ordering::Acquire) == BUSY {
+                    region.release(slot, false, b);
+                }
+            }
+        }
         st.unanswered.clear();
+        region.slot_event(slot, off::REQ_SPACE_EVENT).notify();
     }
 
     /// Acknowledge new attaches (resetting what the previous holder left) and, at most every
@@ -748,7 +829,7 @@ impl ShmServer {
         for (s, st) in self.slots.iter_mut().enumerate() {
             let a = region.slot_u32(s, off::ATTACH_SEQ).load(Ordering::Acquire);
             if a != st.acked {
-                Self::drop_unread(region, s, st);
+                Self::drop_unread(region, s, st, true);
                 st.client = region.slot_u32(s, off::LEASE).load(Ordering::Acquire);
                 st.epoch += 1;
                 st.broken = false;
@@ -767,7 +848,7 @@ impl ShmServer {
                 }
                 let lease = region.slot_u32(s, off::LEASE).load(Ordering::Acquire);
                 if lease != st.client || !pid_alive(lease) {
-                    Self::drop_unread(region, s, st);
+                    Self::drop_unread(region, s, st, true);
                     st.client = 0;
                     st.epoch += 1;
                 }
@@ -781,11 +862,10 @@ impl ShmServer {
         if st.client == 0 || st.broken {
             return 0;
         }
-        let head = region.slot_u64(slot, off::REQ_HEAD).load(Ordering::Acquire);
-        let tail = st.requests.tail();
-        if head < st.read || head > tail + region.geo.depth as u64 {
+        let head = region.head(slot, false).load(Ordering::Acquire);
+        if head < st.read || head - st.read > region.geo.depth as u64 {
             st.broken = true;
-            Self::drop_unread(region, slot, st);
+            Self::drop_unread(region, slot, st, false);
             return 0;
         }
         head - st.read
@@ -804,8 +884,9 @@ impl ShmServer {
         ))
     }
 
-    /// Check that the next response buffer of `slot` is free and no reservation is open.
-    fn claim_response(&mut self, region: &Region, slot: usize) -> Result<u64> {
+    /// Take a free response buffer of `slot` (marked busy: publish it or release it),
+    /// after checking that no reservation is open.
+    fn claim_response(&mut self, region: &Region, slot: usize) -> Result<u32> {
         check_slot(slot, self.num_slots, &self.path)?;
         if self.slots[slot].client == 0 {
             return Err(self.no_client(slot));
@@ -821,36 +902,35 @@ impl ShmServer {
             st.reservation = None;
         }
         let depth = region.geo.depth as u64;
-        let tail = region
-            .slot_u64(slot, off::RESP_TAIL)
-            .load(Ordering::Acquire);
+        let tail = region.tail(slot, true).load(Ordering::Acquire);
         if tail > st.resp_head || st.resp_head - tail > depth {
             return Err(Error::Protocol(format!(
                 "the client on slot {slot} of {path} corrupted its response ring (tail {tail}, head {})",
                 st.resp_head
             )));
         }
+        let full = || {
+            Error::Capacity(format!(
+                "the response ring of slot {slot} of {path} is full: all {depth} buffers are \
+                 queued or held by live messages (the client stopped reading or keeps them \
+                 alive); nothing was sent"
+            ))
+        };
         if st.resp_head - tail == depth {
-            return Err(Error::Capacity(format!(
-                "the response ring of slot {slot} of {path} is full: the client holds all {depth} \
-                 buffers (it stopped reading or keeps every message alive); nothing was sent"
-            )));
+            return Err(full());
         }
-        Ok(st.resp_head)
+        region.take_free(slot, true).ok_or_else(full)
     }
 
-    /// Make response buffer `seq` of `slot` visible to the client; `answers` says whether it
+    /// Make response buffer `buf` of `slot` visible to the client; `answers` says whether it
     /// answers the oldest unanswered request.
-    fn publish_seq(&mut self, region: &Region, slot: usize, seq: u64, answers: bool) {
+    fn publish_buf(&mut self, region: &Region, slot: usize, buf: u32, answers: bool) {
         let st = &mut self.slots[slot];
-        st.resp_head = seq + 1;
+        region.publish_buf(slot, true, st.resp_head, buf);
+        st.resp_head += 1;
         if answers {
             st.unanswered.pop_front();
         }
-        // Release: the frame bytes before the new head (the client loads it with acquire).
-        region
-            .slot_u64(slot, off::RESP_HEAD)
-            .store(seq + 1, Ordering::Release);
         region.slot_event(slot, off::RESP_EVENT).notify();
     }
 
@@ -865,7 +945,6 @@ impl ShmServer {
         answers: bool,
     ) -> Result<()> {
         let region = self.region()?;
-        let seq = self.claim_response(&region, slot)?;
         // An error frame takes 128 bytes before its message; cut the message to fit a buffer.
         let mut end = message
             .len()
@@ -883,11 +962,13 @@ impl ShmServer {
                 self.path.display()
             )));
         }
-        let ptr = region.buf_ptr(slot, true, seq);
-        // SAFETY: response buffer `seq` is free (checked by claim_response) and written only
-        // by the server before publishing; `bytes` fits its capacity (checked above).
+        let b = self.claim_response(&region, slot)?;
+        let ptr = region.buf_ptr(slot, true, b);
+        // SAFETY: response buffer `b` was free and is now marked busy by us (claim_response),
+        // so only the server writes it until it is published; `bytes` fits its capacity
+        // (checked above).
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, bytes.len()) };
-        self.publish_seq(&region, slot, seq, answers);
+        self.publish_buf(&region, slot, b, answers);
         Ok(())
     }
 
@@ -911,14 +992,14 @@ impl ShmServer {
             )),
             other => other,
         })?;
-        let seq = self.claim_response(&region, slot)?;
+        let b = self.claim_response(&region, slot)?;
         let st = &mut self.slots[slot];
         meta.slot = slot as u32;
         meta.request_id = st.unanswered.front().copied().unwrap_or(0);
-        let ptr = region.buf_ptr(slot, true, seq);
-        // SAFETY: response buffer `seq` is free (head - tail < K, checked above) and only the
-        // server writes it before publishing; `total_len <= max_frame_len <= capacity`, the
-        // buffer's size inside the mapping.
+        let ptr = region.buf_ptr(slot, true, b);
+        // SAFETY: response buffer `b` was free and is now marked busy by us (claim_response),
+        // so only the server writes it until it is published or released; `total_len <=
+        // max_frame_len <= capacity`, the buffer's size inside the mapping.
         let out = unsafe { std::slice::from_raw_parts_mut(ptr, lay.total_len as usize) };
         frame::write_prefix(out, &meta, specs, &lay);
         let open = Arc::new(AtomicBool::new(true));
@@ -927,7 +1008,8 @@ impl ShmServer {
             _region: region,
             open,
             slot,
-            seq,
+            buf: b,
+            sent: false,
             epoch: st.epoch,
             request_id: meta.request_id,
             ptr,
@@ -937,7 +1019,7 @@ impl ShmServer {
     }
 
     /// Publish a filled reservation: the client can now receive it.
-    pub fn publish(&mut self, r: Reservation) -> Result<()> {
+    pub fn publish(&mut self, mut r: Reservation) -> Result<()> {
         let region = self.region()?;
         let st = &mut self.slots[r.slot];
         let current = matches!(&st.reservation, Some(o) if Arc::ptr_eq(o, &r.open));
@@ -956,7 +1038,8 @@ impl ShmServer {
                 self.path.display()
             )));
         }
-        self.publish_seq(&region, r.slot, r.seq, true);
+        r.sent = true;
+        self.publish_buf(&region, r.slot, r.buf, true);
         Ok(())
     }
 }
@@ -1025,14 +1108,24 @@ impl ServerEndpoint for ShmServer {
         self.sync_slots(&region, false);
         while self.pending(&region, slot) > 0 {
             let st = &mut self.slots[slot];
-            let seq = st.read;
+            let pos = st.read;
             st.read += 1;
-            let ptr = region.buf_ptr(slot, false, seq);
+            let b = match region.pop(slot, false, pos, self.pid) {
+                Ok(b) => b,
+                Err(_) => {
+                    // The client broke the ring protocol: ignore it until it attaches again.
+                    st.broken = true;
+                    Self::drop_unread(&region, slot, st, false);
+                    return Ok(None);
+                }
+            };
+            let ptr = region.buf_ptr(slot, false, b);
             let decoded = decode_at(ptr, region.geo.capacity, &self.limits);
             let (len, decoded) = match decoded {
                 Ok(d) => d,
                 Err(e) => {
-                    st.requests.release(seq, seq + 1);
+                    region.release(slot, false, b);
+                    region.slot_event(slot, off::REQ_SPACE_EVENT).notify();
                     // Tell the client why; this error answers the bad request. (Best effort:
                     // a full ring means the client broke the protocol anyway.)
                     let _ = self.write_error(slot, 0, error_code::PROTOCOL, &e.to_string(), false);
@@ -1040,8 +1133,10 @@ impl ServerEndpoint for ShmServer {
                 }
             };
             let lease = ShmLease {
-                consumer: Arc::clone(&st.requests),
-                seq,
+                region: Arc::clone(&region),
+                slot,
+                response: false,
+                buf: b,
                 ptr,
                 len,
             };
@@ -1265,15 +1360,23 @@ fn inspect(path: &Path, file: &File) -> Result<Inspect> {
 pub struct ShmClient {
     path: PathBuf,
     region: Option<Arc<Region>>,
-    /// The response ring's release state; the last holder gives the slot lease back.
-    responses: Option<Arc<Consumer>>,
     slot: usize,
     limits: Limits,
+    /// This process's pid: the slot lease and the held-buffer marks.
+    me: u32,
     server_pid: u32,
+    /// Next request queue position to publish (the client is the only writer of the
+    /// request head).
     req_head: u64,
+    /// Next response queue position to pop (the client is the only writer of the response
+    /// tail).
     resp_read: u64,
     next_id: u64,
+    /// Ids of the requests sent and not yet answered, oldest first.
     outstanding: VecDeque<u64>,
+    /// Requests with ids up to this one were given up on (see `recv_for`): their answers
+    /// are discarded when they arrive.
+    abandoned_upto: u64,
 }
 
 /// Wait for `ready()` on `event`, spinning briefly, then sleeping in slices; checks the
@@ -1378,10 +1481,14 @@ impl ShmClient {
         let server_pid = region.u32_at(off::SERVER_PID).load(Ordering::Relaxed);
         let me = std::process::id();
         let candidates: Vec<usize> = match slot {
-            Some(s) => {
-                check_slot(s, num_slots, &path)?;
-                vec![s]
+            // Out of range is a role error, as the socket server answers it.
+            Some(s) if s >= num_slots => {
+                return Err(Error::Role(format!(
+                    "slot {s} is out of range for the server at {} (it has slots 0..{num_slots})",
+                    path.display()
+                )))
             }
+            Some(s) => vec![s],
             None => (0..num_slots).collect(),
         };
         let mut claimed = None;
@@ -1446,34 +1553,45 @@ impl ShmClient {
             release_lease();
             return Err(e);
         }
-        let resp_head = region
-            .slot_u64(slot, off::RESP_HEAD)
-            .load(Ordering::Acquire);
-        // Whatever the previous holder left unread is dropped.
-        region
-            .slot_u64(slot, off::RESP_TAIL)
-            .store(resp_head, Ordering::Release);
-        let req_head = region.slot_u64(slot, off::REQ_HEAD).load(Ordering::Relaxed);
+        // Free what the previous holders left: responses queued and never read, and buffers
+        // held by processes that are gone. Buffers held by live messages (of a client that
+        // closed while keeping them, possibly in this process) stay as they are.
+        let resp_tail = region.tail(slot, true).load(Ordering::Acquire);
+        let resp_head = region.head(slot, true).load(Ordering::Acquire);
+        if resp_head < resp_tail || resp_head - resp_tail > region.geo.depth as u64 {
+            release_lease();
+            return Err(Error::Protocol(format!(
+                "the response ring of slot {slot} of {} is corrupt (tail {resp_tail}, head {resp_head})",
+                path.display()
+            )));
+        }
+        region.free_queued(slot, true, resp_tail, resp_head);
+        region.tail(slot, true).store(resp_head, Ordering::Release);
+        for b in 0..region.geo.depth as u32 {
+            let state = region.state(slot, true, b);
+            let s = state.load(Ordering::Acquire);
+            if let Some(pid) = holder_of(s) {
+                if pid != me && !pid_alive(pid) {
+                    // Only this client changes a dead holder's mark; a live one may free its
+                    // own buffer concurrently, which the exchange then leaves alone.
+                    let _ = state.compare_exchange(s, FREE, Ordering::AcqRel, Ordering::Relaxed);
+                }
+            }
+        }
+        let req_head = region.head(slot, false).load(Ordering::Acquire);
         let limits = region.geo.limits;
-        let responses = Arc::new(Consumer::new(
-            Arc::clone(&region),
-            slot,
-            off::RESP_TAIL,
-            None,
-            resp_head,
-            Some(me),
-        ));
         Ok(ShmClient {
             path,
             region: Some(region),
-            responses: Some(responses),
             slot,
             limits,
+            me,
             server_pid,
             req_head,
             resp_read: resp_head,
             next_id: 1,
             outstanding: VecDeque::new(),
+            abandoned_upto: 0,
         })
     }
 
@@ -1486,19 +1604,14 @@ impl ShmClient {
         format!("slot {} of {}", self.slot, self.path.display())
     }
 
-    fn parts(&self) -> Result<(Arc<Region>, Arc<Consumer>)> {
-        match (&self.region, &self.responses) {
-            (Some(r), Some(c)) => Ok((Arc::clone(r), Arc::clone(c))),
-            _ => Err(Error::Closed),
-        }
+    fn region_ref(&self) -> Result<Arc<Region>> {
+        self.region.clone().ok_or(Error::Closed)
     }
 
     /// Published responses not yet received, after checking the server kept to the ring.
-    fn available(&self, region: &Region, responses: &Consumer) -> Result<u64> {
-        let head = region
-            .slot_u64(self.slot, off::RESP_HEAD)
-            .load(Ordering::Acquire);
-        if head < self.resp_read || head > responses.tail() + region.geo.depth as u64 {
+    fn available(&self, region: &Region) -> Result<u64> {
+        let head = region.head(self.slot, true).load(Ordering::Acquire);
+        if head < self.resp_read || head - self.resp_read > region.geo.depth as u64 {
             return Err(Error::Protocol(format!(
                 "the server corrupted the response ring of {} (head {head}, read {})",
                 self.what(),
@@ -1506,6 +1619,96 @@ impl ShmClient {
             )));
         }
         Ok(head - self.resp_read)
+    }
+
+    /// Pop the next published response (the caller checked one is available) as a message
+    /// that holds its buffer, and match it to the oldest outstanding request.
+    fn take_response(&mut self, region: &Arc<Region>) -> Result<Message> {
+        let pos = self.resp_read;
+        self.resp_read += 1;
+        let b = region.pop(self.slot, true, pos, self.me)?;
+        let ptr = region.buf_ptr(self.slot, true, b);
+        let decoded = decode_at(ptr, region.geo.capacity, &self.limits);
+        let lease = ShmLease {
+            region: Arc::clone(region),
+            slot: self.slot,
+            response: true,
+            buf: b,
+            ptr,
+            len: decoded.as_ref().map(|d| d.0).unwrap_or(0),
+        };
+        let (_, decoded) = decoded?;
+        let msg = Message::shared(lease, decoded);
+        let m = *msg.meta();
+        if let Some(expected) = self.outstanding.front().copied() {
+            if m.request_id != expected && !(m.kind == Kind::Error && m.request_id == 0) {
+                return Err(Error::Protocol(format!(
+                    "response for request {} arrived while request {expected} was expected on {}",
+                    m.request_id,
+                    self.what()
+                )));
+            }
+            self.outstanding.pop_front();
+        }
+        Ok(msg)
+    }
+
+    /// Make room for the answer to one more request: discard the answers to abandoned
+    /// requests that already arrived, and wait (within `deadline`) for those still owed
+    /// while they alone fill the response buffers. Requests the caller still waits for, or
+    /// messages it keeps alive, filling them is [`Error::Capacity`] at once.
+    fn room_for_answer(
+        &mut self,
+        region: &Arc<Region>,
+        deadline: &Deadline,
+        interrupt: Interrupt<'_>,
+    ) -> Result<()> {
+        let depth = region.geo.depth;
+        loop {
+            while self
+                .outstanding
+                .front()
+                .is_some_and(|&id| id <= self.abandoned_upto)
+                && self.available(region)? > 0
+            {
+                drop(self.take_response(region)?);
+            }
+            let held = region.held_count(self.slot, true);
+            if self.outstanding.len() + held < depth {
+                return Ok(());
+            }
+            let abandoned = self
+                .outstanding
+                .iter()
+                .filter(|&&id| id <= self.abandoned_upto)
+                .count();
+            if abandoned == 0 {
+                return Err(Error::Capacity(format!(
+                    "all {depth} response buffers of {} are in use ({} requests await \
+                     responses, {held} buffers are held by received messages still alive); \
+                     receive or drop messages first",
+                    self.what(),
+                    self.outstanding.len()
+                )));
+            }
+            // Wait for the late answers to arrive, then discard them.
+            let what = self.what();
+            let (path, pid, slot) = (self.path.clone(), self.server_pid, self.slot);
+            let this = &*self;
+            wait_event(
+                region.slot_event(slot, off::RESP_EVENT),
+                deadline,
+                interrupt,
+                &mut || server_alive(region, pid, &path),
+                &|| {
+                    format!(
+                        "waiting for the late answers to {abandoned} abandoned request(s) to \
+                         free the response buffers of {what}"
+                    )
+                },
+                &mut || Ok(this.available(region)? > 0),
+            )?;
+        }
     }
 }
 
@@ -1547,7 +1750,7 @@ impl ClientEndpoint for ShmClient {
                 meta.kind.name()
             )));
         }
-        let (region, responses) = self.parts()?;
+        let region = self.region_ref()?;
         if region.ready().load(Ordering::Acquire) != READY {
             return Err(Error::PeerGone(format!(
                 "the server at {} has closed",
@@ -1577,20 +1780,14 @@ impl ClientEndpoint for ShmClient {
                 )));
             }
         }
-        // Room for the answer: responses owed plus received messages still alive.
-        let depth = region.geo.depth;
-        let held = (self.resp_read - responses.tail()) as usize;
-        if self.outstanding.len() + held >= depth {
-            return Err(Error::Capacity(format!(
-                "all {depth} response buffers of {what} are in use ({} requests await responses, \
-                 {held} received messages are still alive); receive or drop messages first",
-                self.outstanding.len()
-            )));
-        }
-        // Room for the request: wait for the server to release a request buffer.
         let deadline = Deadline::after(timeout);
+        // Room for the answer: responses owed plus buffers held by live messages.
+        self.room_for_answer(&region, &deadline, interrupt)?;
+        // Room for the request: wait for the server to free a request buffer.
+        let depth = region.geo.depth as u64;
         let h = self.req_head;
         let (slot, path, pid) = (self.slot, self.path.clone(), self.server_pid);
+        let mut buf = None;
         wait_event(
             region.slot_event(slot, off::REQ_SPACE_EVENT),
             &deadline,
@@ -1598,31 +1795,36 @@ impl ClientEndpoint for ShmClient {
             &mut || server_alive(&region, pid, &path),
             &|| format!("waiting for room to send on {what}"),
             &mut || {
-                let tail = region.slot_u64(slot, off::REQ_TAIL).load(Ordering::Acquire);
-                if tail > h {
+                let tail = region.tail(slot, false).load(Ordering::Acquire);
+                if tail > h || h - tail > depth {
                     return Err(Error::Protocol(format!(
                         "the server corrupted the request ring of {what}"
                     )));
                 }
-                Ok(h - tail < depth as u64)
+                if buf.is_none() && h - tail < depth {
+                    buf = region.take_free(slot, false);
+                }
+                Ok(buf.is_some())
             },
         )?;
+        let Some(b) = buf else {
+            return Err(deadline.timeout_error(format!("waiting for room to send on {what}")));
+        };
         let id = self.next_id;
         meta.request_id = id;
         meta.slot = slot as u32;
-        let ptr = region.buf_ptr(slot, false, h);
-        // SAFETY: request buffer `h` is free (h - tail < K, acquire-loaded above) and only this
-        // client writes it until it publishes; the frame (`total_len <= capacity`) fits it.
+        let ptr = region.buf_ptr(slot, false, b);
+        // SAFETY: request buffer `b` was free and is now marked busy by us (take_free), so
+        // only this client writes it until it publishes; the frame (`total_len <= capacity`)
+        // fits it.
         let out = unsafe { std::slice::from_raw_parts_mut(ptr, lay.total_len as usize) };
         frame::write_prefix(out, &meta, &specs, &lay);
         for (i, t) in tensors.iter().enumerate() {
             let o = lay.offsets[i] as usize;
             out[o..o + t.data.len()].copy_from_slice(t.data);
         }
-        // Release: the frame bytes before the new head; then ring the server's doorbell.
-        region
-            .slot_u64(slot, off::REQ_HEAD)
-            .store(h + 1, Ordering::Release);
+        // Publish (release: the frame before the new head), then ring the server's doorbell.
+        region.publish_buf(slot, false, h, b);
         region.doorbell().notify();
         self.req_head = h + 1;
         self.next_id += 1;
@@ -1631,12 +1833,12 @@ impl ClientEndpoint for ShmClient {
     }
 
     fn is_ready(&mut self) -> Result<bool> {
-        let (region, responses) = self.parts()?;
-        Ok(self.available(&region, &responses)? > 0)
+        let region = self.region_ref()?;
+        Ok(self.available(&region)? > 0)
     }
 
     fn recv_raw(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
-        let (region, responses) = self.parts()?;
+        let region = self.region_ref()?;
         let what = self.what();
         let deadline = Deadline::after(timeout);
         let (path, pid) = (self.path.clone(), self.server_pid);
@@ -1648,39 +1850,55 @@ impl ClientEndpoint for ShmClient {
                 interrupt,
                 &mut || server_alive(&region, pid, &path),
                 &|| format!("waiting for a response on {what}"),
-                &mut || Ok(this.available(&region, &responses)? > 0),
+                &mut || Ok(this.available(&region)? > 0),
             )?;
         }
-        let seq = self.resp_read;
-        self.resp_read += 1;
-        let ptr = region.buf_ptr(self.slot, true, seq);
-        let decoded = decode_at(ptr, region.geo.capacity, &self.limits);
-        let lease_len = decoded.as_ref().map(|d| d.0).unwrap_or(0);
-        let lease = ShmLease {
-            consumer: responses,
-            seq,
-            ptr,
-            len: lease_len,
-        };
-        let (_, decoded) = decoded?;
-        let msg = Message::shared(lease, decoded);
-        let m = *msg.meta();
-        if let Some(expected) = self.outstanding.front().copied() {
-            if m.request_id != expected && !(m.kind == Kind::Error && m.request_id == 0) {
-                return Err(Error::Protocol(format!(
-                    "response for request {} arrived while request {expected} was expected on {what}",
-                    m.request_id
-                )));
+        self.take_response(&region)
+    }
+
+    /// As the trait's `recv_for`; in addition, a call that ends without the answer (a
+    /// timeout, an interrupt) gives up on request `id` too, so that a later send may discard
+    /// its late answer to make room (see `room_for_answer`).
+    fn recv_for(
+        &mut self,
+        id: u64,
+        timeout: Option<Duration>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<Message> {
+        self.abandoned_upto = self.abandoned_upto.max(id.saturating_sub(1));
+        let deadline = Deadline::after(timeout);
+        loop {
+            let msg = match self.recv_raw(deadline.remaining(), interrupt) {
+                Ok(m) => m,
+                Err(e) => {
+                    if matches!(e, Error::Timeout { .. } | Error::Interrupted) {
+                        self.abandoned_upto = self.abandoned_upto.max(id);
+                    }
+                    return Err(e);
+                }
+            };
+            let rid = msg.meta().request_id;
+            // Request id 0 marks an error the server could not attribute to one request.
+            if rid >= id || rid == 0 {
+                return crate::transport::finish_response(msg);
             }
-            self.outstanding.pop_front();
         }
-        Ok(msg)
     }
 
     fn close(&mut self) {
         self.outstanding.clear();
-        self.responses = None;
-        self.region = None;
+        if let Some(region) = self.region.take() {
+            // Give the slot back at once; buffers our live messages hold stay marked held
+            // (by pid) until they are dropped. Unless a new client already reclaimed it.
+            let _ = region.slot_u32(self.slot, off::LEASE).compare_exchange(
+                self.me,
+                0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            // Wake a server that waits for work so it sees the slot free promptly.
+            region.doorbell().notify();
+        }
     }
 }
 
@@ -1832,27 +2050,36 @@ mod tests {
             c.send(Meta::new(Kind::Request), &[], T, &mut no_interrupt()),
             Err(Error::Capacity(_))
         ));
-        // Releasing the middle one frees nothing (the tail moves over a prefix only)...
+        // Messages may be dropped in any order: dropping the middle one frees its buffer
+        // for exactly one more request.
         let mut held = held;
         let last = held.pop().unwrap();
         drop(held.remove(1));
+        req(&mut c, 7, &[7; 10]);
         assert!(matches!(
             c.send(Meta::new(Kind::Request), &[], T, &mut no_interrupt()),
             Err(Error::Capacity(_))
         ));
-        // ...releasing the first frees both.
+        srv.wait_any(T, &mut no_interrupt()).unwrap();
+        assert_eq!(answer_all(&mut srv, 0), 1);
+        let m = c.recv(T, &mut no_interrupt()).unwrap();
+        assert_eq!(m.tensor_bytes(0).unwrap(), &[8; 10][..]);
+        drop(m);
+        // Dropping the first too leaves two buffers to the pipeline, while `last` is kept.
         let first = held.remove(0);
         assert_eq!(first.tensor_bytes(0).unwrap(), &[1; 100][..]);
         drop(first);
-        req(&mut c, 8, &[8; 10]);
-        req(&mut c, 9, &[9; 10]);
-        srv.wait_any(T, &mut no_interrupt()).unwrap();
-        assert_eq!(answer_all(&mut srv, 0), 2);
-        for v in [9u8, 10] {
-            let m = c.recv(T, &mut no_interrupt()).unwrap();
-            assert_eq!(m.tensor_bytes(0).unwrap(), &[v; 10][..]);
+        for round in 0..5u8 {
+            req(&mut c, 8, &[round; 10]);
+            req(&mut c, 9, &[round + 100; 10]);
+            srv.wait_any(T, &mut no_interrupt()).unwrap();
+            assert_eq!(answer_all(&mut srv, 0), 2);
+            for v in [round + 1, round + 101] {
+                let m = c.recv(T, &mut no_interrupt()).unwrap();
+                assert_eq!(m.tensor_bytes(0).unwrap(), &[v; 10][..]);
+            }
         }
-        // The view still held across those requests is intact.
+        // The view kept across all those requests is intact.
         assert_eq!(last.tensor_bytes(0).unwrap(), &[3; 100][..]);
     }
 
@@ -1947,7 +2174,7 @@ mod tests {
     }
 
     #[test]
-    fn closed_client_keeps_its_slot_while_messages_live() {
+    fn closed_client_frees_its_slot_at_once_and_its_live_messages_stay_intact() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("shm");
         let mut srv = ShmServer::create(&p, 1, lim(), 2).unwrap();
@@ -1957,16 +2184,116 @@ mod tests {
         answer_all(&mut srv, 0);
         let m = c.recv(T, &mut no_interrupt()).unwrap();
         c.close();
-        let e = attach(&mut srv, &p, Some(0)).err().unwrap();
-        assert!(matches!(e, Error::Capacity(_)), "{e}");
+        // The slot is free at once (same process, explicit slot)...
+        let mut c2 = attach(&mut srv, &p, Some(0)).unwrap();
+        assert_eq!(c2.slot(), 0);
+        // ...with one response buffer fewer while `m` lives: one request in flight at a time.
+        for i in 0..5u32 {
+            req(&mut c2, i, b"a");
+            assert!(matches!(
+                c2.send(Meta::new(Kind::Request), &[], T, &mut no_interrupt()),
+                Err(Error::Capacity(_))
+            ));
+            srv.wait_any(T, &mut no_interrupt()).unwrap();
+            answer_all(&mut srv, 0);
+            let r = c2.recv(T, &mut no_interrupt()).unwrap();
+            assert_eq!(
+                (r.meta().app_tag, r.tensor_bytes(0).unwrap()),
+                (i, &b"b"[..])
+            );
+        }
         assert_eq!(m.tensor_bytes(0).unwrap(), b"y");
         drop(m);
-        assert!(!srv.is_connected(0));
-        let mut c2 = attach(&mut srv, &p, None).unwrap();
-        req(&mut c2, 5, b"a");
+        // Both buffers are back.
+        req(&mut c2, 10, b"c");
+        req(&mut c2, 11, b"d");
         srv.wait_any(T, &mut no_interrupt()).unwrap();
-        answer_all(&mut srv, 0);
-        assert_eq!(c2.recv(T, &mut no_interrupt()).unwrap().meta().app_tag, 5);
+        assert_eq!(answer_all(&mut srv, 0), 2);
+        for (tag, want) in [(10, b"d"), (11, b"e")] {
+            let r = c2.recv(T, &mut no_interrupt()).unwrap();
+            assert_eq!(
+                (r.meta().app_tag, r.tensor_bytes(0).unwrap()),
+                (tag, &want[..])
+            );
+        }
+        c2.close();
+        srv.wait_any(Some(Duration::ZERO), &mut no_interrupt())
+            .unwrap();
+        assert!(!srv.is_connected(0));
+    }
+
+    #[test]
+    fn attach_frees_what_a_dead_or_closed_predecessor_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shm");
+        let mut srv = ShmServer::create(&p, 1, lim(), 2).unwrap();
+        let mut c = attach(&mut srv, &p, None).unwrap();
+        req(&mut c, 0, b"x");
+        req(&mut c, 1, b"y");
+        srv.wait_any(T, &mut no_interrupt()).unwrap();
+        assert_eq!(answer_all(&mut srv, 0), 2);
+        // One answer received and "held" by a process that died, one never read.
+        let m = c.recv(T, &mut no_interrupt()).unwrap();
+        let region = srv.region().unwrap();
+        let held: Vec<u32> = (0..2)
+            .filter(|&b| holder_of(region.state(0, true, b).load(Ordering::Acquire)).is_some())
+            .collect();
+        assert_eq!(held.len(), 1);
+        let dead = dead_pid();
+        region
+            .state(0, true, held[0])
+            .store(held_by(dead), Ordering::Release);
+        std::mem::forget(m); // its Drop would free the buffer
+        c.close();
+        // The next client gets both response buffers.
+        let mut c2 = attach(&mut srv, &p, None).unwrap();
+        req(&mut c2, 2, b"a");
+        req(&mut c2, 3, b"b");
+        srv.wait_any(T, &mut no_interrupt()).unwrap();
+        assert_eq!(answer_all(&mut srv, 0), 2);
+        assert_eq!(c2.recv(T, &mut no_interrupt()).unwrap().meta().app_tag, 2);
+        assert_eq!(c2.recv(T, &mut no_interrupt()).unwrap().meta().app_tag, 3);
+    }
+
+    #[test]
+    fn answers_to_abandoned_requests_do_not_wedge_the_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shm");
+        let mut srv = ShmServer::create(&p, 1, lim(), 2).unwrap();
+        let mut c = attach(&mut srv, &p, None).unwrap();
+        let short = Some(Duration::from_millis(20));
+        for tag in [1, 2] {
+            let id = req(&mut c, tag, b"late");
+            let e = c.recv_for(id, short, &mut no_interrupt()).unwrap_err();
+            assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        }
+        // Both response buffers are owed to abandoned requests whose answers have not come:
+        // a send waits for them (and times out), it does not fail at once.
+        let t0 = Instant::now();
+        let e = c
+            .send(Meta::new(Kind::Request), &[], short, &mut no_interrupt())
+            .unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        assert!(t0.elapsed() >= Duration::from_millis(15));
+        // The late answers arrive: the next send discards them and goes through.
+        srv.wait_any(T, &mut no_interrupt()).unwrap();
+        assert_eq!(answer_all(&mut srv, 0), 2);
+        let id = req(&mut c, 3, b"now");
+        srv.wait_any(T, &mut no_interrupt()).unwrap();
+        assert_eq!(answer_all(&mut srv, 0), 1);
+        let m = c.recv_for(id, T, &mut no_interrupt()).unwrap();
+        assert_eq!(
+            (m.meta().app_tag, m.tensor_bytes(0).unwrap()),
+            (3, &b"opx"[..])
+        );
+        // Requests the caller still waits for are a capacity error at once, as before.
+        drop(m);
+        req(&mut c, 4, b"a");
+        req(&mut c, 5, b"b");
+        assert!(matches!(
+            c.send(Meta::new(Kind::Request), &[], T, &mut no_interrupt()),
+            Err(Error::Capacity(_))
+        ));
     }
 
     fn dead_pid() -> u32 {

@@ -276,6 +276,11 @@ impl OutQueue {
     }
 }
 
+/// How long a waiting side keeps retrying without blocking before it sleeps in `poll`: a
+/// round trip costs two wake-ups when both sides sleep, and waking a process takes tens of
+/// microseconds on a busy or virtualised machine.
+pub(crate) const SPIN: Duration = Duration::from_micros(100);
+
 /// How long a server keeps writing a response straight from the caller's buffers while the
 /// client is draining it, before it copies the rest and moves on.
 pub(crate) const DIRECT_WRITE_BUDGET: Duration = Duration::from_millis(25);
@@ -315,7 +320,8 @@ pub(crate) fn send_nonblocking<W: Write + AsFd>(
             Err(e) if is_would_block(&e) => {
                 let left = DIRECT_WRITE_BUDGET.saturating_sub(start.elapsed());
                 let mut fds = [PollFd::new(&*dst, PollFlags::OUT)];
-                let ready = !left.is_zero() && poll_fds(&mut fds, left.min(DIRECT_WRITE_STALL))? > 0;
+                let ready =
+                    !left.is_zero() && poll_fds(&mut fds, left.min(DIRECT_WRITE_STALL))? > 0;
                 if !ready {
                     queue.push(segs.rest());
                     return Ok(Flush::Pending);
@@ -378,6 +384,7 @@ pub(crate) fn recv_blocking<R: Read + AsFd>(
     what: &dyn Fn() -> String,
     liveness: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Message> {
+    let spin_end = Instant::now() + SPIN;
     loop {
         match reader.read_from(src)? {
             ReadStatus::Frame(m) => return Ok(m),
@@ -387,6 +394,9 @@ pub(crate) fn recv_blocking<R: Read + AsFd>(
                     what()
                 )))
             }
+            // A server usually answers within microseconds: retry for a short while before
+            // paying for a sleep and a wake-up.
+            ReadStatus::WouldBlock if Instant::now() < spin_end => std::hint::spin_loop(),
             ReadStatus::WouldBlock => {
                 wait_fd(
                     src.as_fd(),

@@ -10,7 +10,7 @@
 //! client cannot take yet is queued and finished by later `wait_any` calls.
 
 use std::collections::VecDeque;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -175,9 +175,22 @@ impl UdsServer {
                     let cred = rustix::net::sockopt::socket_peercred(&stream);
                     match cred {
                         Ok(c) if c.uid.as_raw() == self.uid => {}
-                        _ => {
+                        other => {
                             self.refused_peers += 1;
-                            continue; // dropped: closed
+                            // Say why (one small non-blocking write), then close.
+                            let who = other
+                                .map(|c| c.uid.as_raw().to_string())
+                                .unwrap_or_else(|_| "unknown".into());
+                            let text = format!(
+                                "connection refused: the server at {} serves only uid {}, the peer runs as uid {who}",
+                                self.path.display(),
+                                self.uid
+                            );
+                            let _ = stream.set_nonblocking(true);
+                            let _ = (&stream).write(
+                                frame::encode_error(0, 0, error_code::ROLE, &text).as_slice(),
+                            );
+                            continue;
                         }
                     }
                     stream
@@ -487,6 +500,20 @@ impl ServerEndpoint for UdsServer {
         interrupt: Interrupt<'_>,
     ) -> Result<Vec<usize>> {
         let deadline = Deadline::after(timeout);
+        // Requests tend to follow each other closely: look again without blocking for a
+        // short while before sleeping in poll.
+        let spin_end = std::time::Instant::now() + stream::SPIN;
+        loop {
+            self.pump(Duration::ZERO)?;
+            let ready = self.ready_slots();
+            if !ready.is_empty()
+                || timeout == Some(Duration::ZERO)
+                || std::time::Instant::now() >= spin_end
+            {
+                break;
+            }
+            std::hint::spin_loop();
+        }
         loop {
             let ready = self.ready_slots();
             if !ready.is_empty() {
@@ -684,7 +711,7 @@ impl UdsClient {
         let what = || format!("connecting to {}", c.path.display());
         let what_s = what();
         let stream = c.stream.as_mut().ok_or(Error::Closed)?;
-        stream::send_blocking(
+        let sent = stream::send_blocking(
             stream,
             &meta,
             &[],
@@ -693,7 +720,14 @@ impl UdsClient {
             interrupt,
             &|| what_s.clone(),
             &mut || Ok(()),
-        )?;
+        );
+        if let Err(e) = sent {
+            // A server that refused us may have said why before closing.
+            if let Ok(ReadStatus::Frame(m)) = c.reader.read_from(stream) {
+                parse_hello_ack(&m, &c.path)?;
+            }
+            return Err(e);
+        }
         let msg = stream::recv_blocking(
             stream,
             &mut c.reader,
