@@ -838,6 +838,11 @@ impl AlignedBuf {
         &mut bytemuck::cast_slice_mut::<Block, u8>(&mut self.blocks)[..self.len]
     }
 
+    /// Bytes this buffer can hold without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.blocks.capacity() * 64
+    }
+
     /// Change the length, keeping the first bytes; new bytes are zero.
     pub fn resize(&mut self, len: usize) {
         self.blocks.resize(len.div_ceil(64), Block([0; 64]));

@@ -41,7 +41,7 @@ use std::os::fd::AsFd;
 const MAX_PENDING: usize = 8;
 /// Kernel buffer asked for each FIFO (the default is 64 KiB; Linux caps unprivileged
 /// requests at /proc/sys/fs/pipe-max-size, 1 MiB by default).
-const PIPE_SIZE: usize = 1 << 20;
+const PIPE_SIZE: usize = 256 << 10;
 
 fn req_path(dir: &Path, slot: usize) -> PathBuf {
     dir.join(format!("slot{slot}.req"))

@@ -22,7 +22,7 @@ use crate::frame::{self, AlignedBuf, Decoded, Kind, Limits, Meta, TensorRef};
 pub mod fifo;
 pub(crate) mod lock;
 pub mod shm;
-mod stream;
+pub(crate) mod stream;
 pub mod uds;
 
 /// How often a blocking call returns to check the interrupt callback and peer liveness.
@@ -38,7 +38,7 @@ pub fn no_interrupt() -> impl FnMut() -> Result<()> {
 
 /// A received, validated message. Its tensors are slices of [`Message::bytes`].
 ///
-/// The bytes are either an owned heap buffer (stream transports) or, for shared memory, a
+/// The bytes are either a heap buffer from its connection's pool (stream transports) or, for shared memory, a
 /// view of the ring buffer in the mapping that the message holds leased until it is dropped
 /// (zero copy; see [`shm::ShmLease`]).
 #[derive(Debug)]
@@ -49,14 +49,24 @@ pub struct Message {
 
 #[derive(Debug)]
 enum Storage {
-    Owned(AlignedBuf),
+    /// Returned to its connection's pool of receive buffers when the message is dropped.
+    Pooled(AlignedBuf, stream::BufPool),
     Shared(shm::ShmLease),
 }
 
+impl Drop for Message {
+    fn drop(&mut self) {
+        if let Storage::Pooled(buf, pool) = &mut self.storage {
+            pool.give(std::mem::replace(buf, AlignedBuf::zeroed(0)));
+        }
+    }
+}
+
 impl Message {
-    pub(crate) fn new(buf: AlignedBuf, decoded: Decoded) -> Message {
+    /// A message whose buffer goes back to `pool` when it is dropped.
+    pub(crate) fn pooled(buf: AlignedBuf, decoded: Decoded, pool: stream::BufPool) -> Message {
         Message {
-            storage: Storage::Owned(buf),
+            storage: Storage::Pooled(buf, pool),
             decoded,
         }
     }
@@ -78,7 +88,7 @@ impl Message {
     /// Take it once, before any shared borrow of the bytes.
     pub fn bytes_mut_ptr(&mut self) -> *mut u8 {
         match &mut self.storage {
-            Storage::Owned(b) => b.as_mut_slice().as_mut_ptr(),
+            Storage::Pooled(b, _) => b.as_mut_slice().as_mut_ptr(),
             Storage::Shared(l) => l.as_mut_ptr(),
         }
     }
@@ -86,7 +96,7 @@ impl Message {
     /// The whole frame.
     pub fn bytes(&self) -> &[u8] {
         match &self.storage {
-            Storage::Owned(b) => b.as_slice(),
+            Storage::Pooled(b, _) => b.as_slice(),
             Storage::Shared(l) => l.as_slice(),
         }
     }
