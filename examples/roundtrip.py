@@ -39,7 +39,9 @@ def serve(kind: str, path: str, ready) -> None:
 
 
 def run(kind: str, requests: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="sensai-demo-") as tmp:
+    # Shared memory belongs in /dev/shm (memory); the others anywhere on disk.
+    base = "/dev/shm" if kind == "shared_memory" and os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix="sensai-demo-", dir=base) as tmp:
         _run_in(kind, os.path.join(tmp, "endpoint"), requests)
 
 
