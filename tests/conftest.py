@@ -18,3 +18,26 @@ def short_tmp() -> Iterator[str]:
     d = tempfile.mkdtemp(prefix="sai-", dir="/tmp")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+# --- the tiny teacher model (tests/tiny_model.py) ----------------------------------------------
+# torch and transformers are imported inside the fixtures, so tests that do not use them (the
+# transports) collect without paying for those imports.
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A folder with a tiny random Llama (2 layers, hidden 64, context 64) and its byte-level
+    BPE tokenizer (320 tokens, the model's vocabulary; bos/eos, no pad), built once per session."""
+    from tiny_model import save_tiny
+
+    return str(save_tiny(tmp_path_factory.mktemp("tiny-teacher") / "model"))
+
+
+@pytest.fixture
+def tiny_teacher(tiny_model_dir: str):
+    """A fresh ``TeacherLogitsServer`` on the CPU over the tiny model (loads in well under 1 s):
+    num_samples 16, temperature 1, no masks."""
+    from sensai.logits_server import TeacherLogitsServer
+
+    return TeacherLogitsServer(tiny_model_dir, device="cpu", num_samples=16)

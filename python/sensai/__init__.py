@@ -8,6 +8,7 @@ from .errors import (
     AddressInUseError,
     CapacityError,
     ClosedError,
+    ModelNotFoundError,
     PeerGoneError,
     ProtocolError,
     RemoteError,
@@ -52,6 +53,7 @@ __all__ = [
     "RemoteError",
     "AddressInUseError",
     "ClosedError",
+    "ModelNotFoundError",
     "PROTOCOL_VERSION",
     "__version__",
 ]

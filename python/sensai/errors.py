@@ -12,6 +12,7 @@ __all__ = [
     "RemoteError",
     "AddressInUseError",
     "ClosedError",
+    "ModelNotFoundError",
 ]
 
 _CODE_NAMES = {
@@ -54,6 +55,10 @@ class AddressInUseError(SensAIError, OSError):
 
 class ClosedError(SensAIError, ValueError):
     """The endpoint was already closed."""
+
+
+class ModelNotFoundError(SensAIError, FileNotFoundError):
+    """The requested teacher model cannot be found locally (nothing is ever downloaded)."""
 
 
 class RemoteError(SensAIError):

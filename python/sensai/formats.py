@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FORMAT_TAGS", "FORMATS", "TeacherOutput", "format_name"]
+__all__ = [
+    "FORMAT_TAGS",
+    "FORMATS",
+    "OutputBuilder",
+    "TeacherOutput",
+    "build_output",
+    "format_name",
+]
 
 FORMAT_TAGS: dict[str, int] = {"full": 1, "sampled": 2, "coo": 3, "compact": 4, "topk": 5}
 FORMATS = tuple(FORMAT_TAGS)
@@ -349,3 +356,22 @@ class OutputBuilder:
             out.counts = torch.cat(cnts)
             out.logprobs = torch.cat(lps)
         return out
+
+
+def build_output(
+    fmt: str,
+    chunks: Any,
+    batch_size: int,
+    num_positions: int,
+    vocab_size: int,
+    mask: torch.Tensor,
+    **options: Any,
+) -> TeacherOutput:
+    """A `TeacherOutput` of format ``fmt`` from an iterable of ``(start, logits [c, V])``
+    chunks covering the flat positions in order (what
+    ``TeacherLogitsServer.iter_logit_chunks`` yields). ``options`` go to `OutputBuilder`
+    (num_samples, temperature, top_k, top_p, topk, generator, device, logits_dtype)."""
+    builder = OutputBuilder(fmt, batch_size, num_positions, vocab_size, **options)
+    for _start, logits in chunks:
+        builder.add(logits)
+    return builder.finish(mask)

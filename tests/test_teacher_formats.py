@@ -1,0 +1,75 @@
+"""The tiny teacher's answers in every output format: consistent with the teacher's own
+sampling and logits, with padded positions marked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sensai.formats import FORMATS, TeacherOutput, build_output
+
+
+def _batch(teacher):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, teacher.vocab_size, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0  # right padding
+    return ids, mask
+
+
+def _output(teacher, fmt: str, seed: int = 7, chunk_size: int = 5) -> TeacherOutput:
+    ids, mask = teacher.prepare_inputs(*_batch(teacher))
+    with torch.inference_mode():
+        return build_output(
+            fmt,
+            teacher.iter_logit_chunks(ids, mask, chunk_size),
+            ids.shape[0],
+            teacher.num_positions(ids.shape[1]),
+            teacher.vocab_size,
+            teacher.position_mask(ids, mask),
+            num_samples=teacher.num_samples,
+            temperature=teacher.temperature,
+            topk=8,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+
+def test_sampled_format_is_the_teachers_own_sampling(tiny_teacher) -> None:
+    out = _output(tiny_teacher, "sampled")
+    ref = tiny_teacher.sample_input_ids(*_batch(tiny_teacher), seed=7, chunk_size=5)
+    assert torch.equal(out.indices, ref.indices)
+    torch.testing.assert_close(out.values, ref.values)
+    torch.testing.assert_close(out.logz_full, ref.logz_full)
+    assert torch.equal(out.mask, ref.mask)
+    # position i is the distribution after tokens 0..i: real while token i is
+    assert out.mask[2, :9].all() and not out.mask[2, 9:].any()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_gives_the_teachers_probabilities(tiny_teacher, fmt: str) -> None:
+    out = _output(tiny_teacher, fmt)
+    logits = tiny_teacher.get_logits_from_input_ids(*_batch(tiny_teacher))  # [B, S, V]
+    ref = torch.log_softmax(logits, dim=-1)
+    keep = out.mask
+    lp = out.teacher_logprobs()
+    if fmt == "full":
+        torch.testing.assert_close(lp[keep], ref[keep])
+    elif fmt in ("sampled", "topk"):
+        torch.testing.assert_close(lp[keep], ref.gather(-1, out.indices)[keep])
+    elif fmt == "coo":
+        b, _, s, tok = out.coo_indices
+        real = keep[b, s]
+        torch.testing.assert_close(lp[real], ref[b, s, tok][real])
+    else:
+        pos = out.position_of_entries()
+        b, s = pos // out.num_positions, pos % out.num_positions
+        real = keep[b, s]
+        torch.testing.assert_close(lp[real], ref[b, s, out.tokens.long()][real])
+
+
+def test_compact_is_smaller_than_the_seed_layout(tiny_teacher) -> None:
+    compact = _output(tiny_teacher, "compact")
+    sampled = _output(tiny_teacher, "sampled")
+    # the seed's layout: int64 indices + float32 values per sample
+    seed_bytes = sampled.indices.numel() * (8 + 4)
+    assert compact.nbytes < seed_bytes
