@@ -73,3 +73,30 @@ def test_compact_is_smaller_than_the_seed_layout(tiny_teacher) -> None:
     # the seed's layout: int64 indices + float32 values per sample
     seed_bytes = sampled.indices.numel() * (8 + 4)
     assert compact.nbytes < seed_bytes
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_compute_answers_in_the_chosen_format(tiny_model_dir: str, fmt: str) -> None:
+    from sensai.logits_server import TeacherLogitsServer
+
+    teacher = TeacherLogitsServer(
+        tiny_model_dir, device="cpu", num_samples=16, output_format=fmt, topk=8, chunk_size=5
+    )
+    out = teacher.compute(*_batch(teacher), seed=7)
+    assert out.format == fmt and out.mask.shape == (3, 11)
+    ref = _output(teacher, fmt)
+    for a, b in zip(out.to_arrays(), ref.to_arrays(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_compute_refuses_bad_formats(tiny_model_dir: str) -> None:
+    from sensai.logits_server import TeacherLogitsServer
+
+    with pytest.raises(ValueError, match="output_format must be one of"):
+        TeacherLogitsServer(tiny_model_dir, device="cpu", output_format="dense")
+    with pytest.raises(ValueError, match="topk must be"):
+        TeacherLogitsServer(tiny_model_dir, device="cpu", output_format="topk", topk=0)
+    full = TeacherLogitsServer(tiny_model_dir, device="cpu", num_samples=None)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        full.compute(*_batch(full), output_format="compact")
+    assert full.compute(*_batch(full), output_format="full").logits.shape == (3, 11, 320)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import sampling
+from .formats import FORMATS, TeacherOutput, build_output
 from .teacher import load_teacher, resolve_device
 
 __all__ = ["TeacherLogitsServer", "TeacherSamples", "process_logits_request", "DEFAULT_CHUNK_SIZE"]
@@ -77,6 +78,15 @@ def _check_sampling_params(
         raise ValueError(f"top_k must be an int >= 0 (0: no top-k mask), got {top_k!r}")
 
 
+def _check_format(output_format: str, topk: int) -> None:
+    if output_format not in FORMATS:
+        raise ValueError(
+            f"output_format must be one of {', '.join(FORMATS)}, got {output_format!r}"
+        )
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
+
+
 def _check_chunk_size(chunk_size: int) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1 (positions), got {chunk_size!r}")
@@ -124,7 +134,9 @@ class TeacherLogitsServer:
 
     ``model_name``: see :func:`sensai.teacher.resolve_model` (None: the embedded
     SmolLM2-135M-Instruct). ``num_samples`` None, 0 or -1 makes :meth:`process_input_ids`
-    return full logits. ``dtype`` and ``chunk_size`` are keyword options; the remaining
+    return full logits. ``dtype``, ``chunk_size``, ``output_format`` (the format of
+    :meth:`compute`: one of :data:`sensai.formats.FORMATS`) and ``topk`` (k of the ``topk``
+    format, distinct from the ``top_k`` sampling mask) are keyword options; the remaining
     ``model_kwargs`` go to ``from_pretrained``.
     """
 
@@ -139,12 +151,16 @@ class TeacherLogitsServer:
         *,
         dtype: str | torch.dtype | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        output_format: str = "sampled",
+        topk: int = 64,
         **model_kwargs: Any,
     ) -> None:
         _check_sampling_params(num_samples, temperature, top_p, top_k)
         _check_chunk_size(chunk_size)
+        _check_format(output_format, topk)
         model, tokenizer, dev = load_teacher(model_name, device, dtype, **model_kwargs)
         self._setup(model, tokenizer, dev, num_samples, temperature, top_p, top_k, chunk_size)
+        self.output_format, self.topk = output_format, int(topk)
 
     @classmethod
     def from_model(
@@ -158,6 +174,8 @@ class TeacherLogitsServer:
         top_k: int = 0,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        output_format: str = "sampled",
+        topk: int = 64,
     ) -> TeacherLogitsServer:
         """Wrap a model already in memory (e.g. a randomly initialised one for a benchmark).
 
@@ -171,8 +189,10 @@ class TeacherLogitsServer:
             dev = resolve_device(device)
             model.to(dev)
         model.eval()
+        _check_format(output_format, topk)
         self = cls.__new__(cls)
         self._setup(model, tokenizer, dev, num_samples, temperature, top_p, top_k, chunk_size)
+        self.output_format, self.topk = output_format, int(topk)
         return self
 
     def _setup(
@@ -417,6 +437,43 @@ class TeacherLogitsServer:
             logz_sampled=logz_sampled.reshape(b, p),
             logz_full=logz_full.reshape(b, p),
             mask=self.position_mask(ids, mask),
+        )
+
+    @torch.inference_mode()
+    def compute(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        seed: Seed = None,
+        output_format: str | None = None,
+        chunk_size: int | None = None,
+    ) -> TeacherOutput:
+        """The teacher's answer in ``output_format`` (default: the instance's), computed in
+        bounded memory; see :mod:`sensai.formats`. A sampled format needs num_samples >= 1."""
+        fmt = self.output_format if output_format is None else output_format
+        _check_format(fmt, self.topk)
+        sampled = fmt in ("sampled", "coo", "compact")
+        if sampled and _full_mode(self.num_samples):
+            raise ValueError(
+                f"the {fmt!r} format samples; num_samples must be >= 1, got {self.num_samples!r}"
+            )
+        ids, mask = self.prepare_inputs(input_ids, attention_mask)
+        b, p = ids.shape[0], self.num_positions(ids.shape[1])
+        return build_output(
+            fmt,
+            self.iter_logit_chunks(ids, mask, chunk_size),
+            b,
+            p,
+            self.vocab_size,
+            self.position_mask(ids, mask),
+            num_samples=int(self.num_samples) if sampled else 1,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            topk=min(self.topk, self.vocab_size),
+            generator=_make_generator(seed, self.device),
+            device=self.device,
         )
 
     def sample_from_logits(
