@@ -9,14 +9,15 @@ format     tag  tensors, in wire order (P = batch x positions)
 full         1  logits [B, S, V]
 sampled      2  indices [B, S, N] int64, values [B, S, N] float32 (the seed's layout)
 coo          3  coo_indices [4, B*S*N] int64 (batch, sample, position, token), coo_values
-compact      4  offsets [P+1] int64, tokens [T] int32, counts [T] int32, logprobs [T] float32
+compact      4  offsets [P+1] int64, tokens [T] int32, counts [T] int16, logprobs [T] float32
 topk         5  indices [B, S, k] int64, logprobs [B, S, k] float32
 =========  ===  =======================================================================
 
-Every format but ``full`` then carries, per position, ``logz_sampled`` [B, S] (the
-log-partition of the distribution the samples were drawn from: tempered and masked) and
-``logz_full`` [B, S] (that of the untempered logits), so that any returned logit ``x`` turns
-into an exact probability under either: ``exp(x / T - logz_sampled)`` and ``exp(x - logz_full)``.
+(``counts`` is int32 when N > 32767.) Every format but ``full`` then carries, per
+position, ``logz_sampled`` [B, S] (the log-partition of the distribution the samples were
+drawn from: tempered and masked) and ``logz_full`` [B, S] (that of the untempered logits),
+so that any returned logit ``x`` turns into an exact probability under either:
+``exp(x / T - logz_sampled)`` and ``exp(x - logz_full)``.
 Every format ends with ``mask`` [B, S] bool: False marks padded positions (attention mask 0),
 which a loss must skip. Here S is the number of teacher positions (S_input - 1, or 1 for a
 one-token input): position i is the teacher's distribution after tokens 0..i.
@@ -306,6 +307,8 @@ class OutputBuilder:
             self.indices[lo:hi], self.values[lo:hi] = r.indices, r.values
             return
         offsets, tokens, counts = sampling.compact_counts(r.indices, self.v)
+        if self.n <= torch.iinfo(torch.int16).max:
+            counts = counts.to(torch.int16)  # 2 bytes a token: compact stays < 25% of the seed's
         # One log-prob per distinct token: gather the untempered logits again at them.
         rows = torch.repeat_interleave(
             torch.arange(c, device=logits.device), offsets[1:] - offsets[:-1]
