@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import _core
-from .client import SensAIClient
+from .client import Client, SensAIClient
 from .errors import (
     AddressInUseError,
     CapacityError,
@@ -16,6 +16,7 @@ from .errors import (
     SensAIError,
     TransportTimeout,
 )
+from .formats import TeacherOutput
 from .server import SensAIServer
 from .transports import (
     NamedPipeClient,
@@ -28,6 +29,7 @@ from .transports import (
     connect,
     create_transport,
 )
+from .utils import wrap_collate_function
 
 __version__ = _core.__version__
 PROTOCOL_VERSION = _core.PROTOCOL_VERSION
@@ -35,6 +37,9 @@ PROTOCOL_VERSION = _core.PROTOCOL_VERSION
 __all__ = [
     "SensAIServer",
     "SensAIClient",
+    "Client",
+    "TeacherOutput",
+    "wrap_collate_function",
     "Transport",
     "NamedPipeServer",
     "NamedPipeClient",

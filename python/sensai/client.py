@@ -1,11 +1,275 @@
-"""``SensAIClient``: the seed's raw client over a transport endpoint."""
+"""Clients of a SensAI server.
+
+`Client` is the user-facing one: it takes an address (``shm:///dev/shm/sensai``,
+``unix:///tmp/sensai.sock``, ``pipe:///tmp/sensai-pipes``), connects lazily, asks the server
+for its configuration, and turns answers into `TeacherOutput`. `SensAIClient` is the seed's
+raw client over an endpoint, kept for seed users.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 import time
 from typing import Any
 
-__all__ = ["SensAIClient"]
+import numpy as np
+
+from .errors import ClosedError, ProtocolError
+from .formats import TeacherOutput, format_name
+from .transports import connect, parse_address
+
+__all__ = ["Client", "SensAIClient", "INFO_TAG", "SEED_FLAG"]
+
+INFO_TAG = 0x1001
+"""Header tag of the INFO control request and of its reply."""
+SEED_FLAG = 0x1
+"""Request header tag bit: the header's value carries the sampling seed."""
+
+_SAMPLED_FORMATS = ("sampled", "coo", "compact")
+
+# Endpoints a forked child inherited from its parent. Closing one (explicitly or through its
+# finaliser) from the child would give the *parent's* slot back (shared memory) or tear down
+# state the parent still uses, so the child keeps them referenced, untouched, until it exits.
+_INHERITED: list[Any] = []
+
+_UNSET: Any = object()
+
+
+def _ids_array(x: Any, name: str) -> Any:
+    """``x`` as something the transport sends: an int64 numpy array or a CPU torch tensor."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "iub":
+            raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
+        return x if x.dtype == np.int64 else x.astype(np.int64)
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            if x.dtype.is_floating_point or x.dtype.is_complex:
+                raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
+            t = x.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            return t if t.dtype == torch.int64 else t.to(torch.int64)
+    if isinstance(x, (list, tuple)):
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "iub":
+            raise TypeError(f"{name} must hold integers, got {arr.dtype}")
+        return arr.astype(np.int64)
+    raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def _message_tensors(msg: Any, copy: bool) -> list[Any]:
+    """The message's tensors (bfloat16 as torch bfloat16), copied out of it if ``copy``."""
+    arrays = [np.array(a) if copy else a for a in msg.arrays()]
+    if msg.has_bfloat16:
+        import torch
+
+        arrays = [
+            torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if d == "bfloat16" else a
+            for a, d in zip(arrays, msg.dtypes, strict=True)
+        ]
+    return arrays
+
+
+class Client:
+    """A client of a SensAI teacher server.
+
+    ``timeout`` is the default for every request (None: wait as long as the server lives; a
+    server that dies raises `PeerGoneError`). ``connect_timeout`` is how long the first use
+    waits for a server that is still starting.
+
+    The connection opens on first use. A client is picklable (the copy connects on its own
+    first use) and fork-aware: used in a process other than the one that connected (e.g. a
+    forked DataLoader worker), it opens its own connection and slot. The inherited
+    connection is left untouched and never closed from the child, since closing it there
+    would release the parent's slot.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        slot_id: int | None = None,
+        timeout: float | None = None,
+        connect_timeout: float | None = 30.0,
+    ) -> None:
+        self._kind = parse_address(address)[0]  # validated now, not on first use
+        self.address = address
+        self._slot_id = slot_id
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._endpoint: Any = None
+        self._pid: int | None = None
+        self._info: dict[str, Any] | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # -- connection ----------------------------------------------------------------
+    def _ep(self) -> Any:
+        """This process's endpoint, connecting first if needed."""
+        if self._closed:
+            raise ClosedError(f"this client of {self.address} was closed")
+        pid = os.getpid()
+        if self._pid is not None and self._pid != pid:
+            # Inherited through fork: keep the parent's endpoint referenced but unused here
+            # (see _INHERITED), and a fresh lock (the parent's may have been held at fork).
+            if self._endpoint is not None:
+                _INHERITED.append(self._endpoint)
+            self._endpoint, self._pid = None, None
+            self._lock = threading.Lock()
+        if self._endpoint is None:
+            with self._lock:
+                if self._endpoint is None:
+                    self._endpoint = connect(
+                        self.address, self._slot_id, connect_timeout=self.connect_timeout
+                    )
+                    self._pid = pid
+        return self._endpoint
+
+    @property
+    def connected(self) -> bool:
+        """Whether this process holds an open connection."""
+        return self._endpoint is not None and self._pid == os.getpid()
+
+    @property
+    def slot_id(self) -> int:
+        """The slot this process holds (connects if needed)."""
+        return int(self._ep().slot_id)
+
+    def close(self) -> None:
+        """Release this process's connection and slot. Idempotent; an inherited connection
+        (opened by a parent process) is dropped, not closed."""
+        ep, self._endpoint = self._endpoint, None
+        self._closed = True
+        if ep is not None:
+            if self._pid == os.getpid():
+                ep.close()
+            else:
+                _INHERITED.append(ep)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_endpoint"] = None
+        state["_pid"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __del__(self) -> None:
+        ep = getattr(self, "_endpoint", None)
+        if ep is not None and getattr(self, "_pid", None) != os.getpid():
+            _INHERITED.append(ep)  # never let the child's finaliser close the parent's slot
+            self._endpoint = None
+
+    def __repr__(self) -> str:
+        state = (
+            "closed"
+            if self._closed
+            else (f"slot {self._endpoint.slot_id}" if self.connected else "not connected")
+        )
+        return f"Client({self.address!r}, {state})"
+
+    # -- requests ------------------------------------------------------------------
+    def _timeout(self, timeout: Any) -> float | None:
+        return self.timeout if timeout is _UNSET else timeout
+
+    def info(self, *, timeout: Any = _UNSET, refresh: bool = False) -> dict[str, Any]:
+        """The server's configuration (model, vocab_size, output_format, num_samples,
+        temperature, top_k, top_p, protocol_version, ...). Cached after the first call."""
+        if self._info is not None and not refresh:
+            return dict(self._info)
+        ep = self._ep()
+        with self._lock:
+            msg = ep.request_message(
+                [], tag=INFO_TAG, kind="control", timeout=self._timeout(timeout)
+            )
+        arrays = msg.arrays()
+        if msg.kind != "control" or msg.tag != INFO_TAG or len(arrays) != 1:
+            raise ProtocolError(
+                f"unexpected answer to the INFO request: kind {msg.kind!r}, tag {msg.tag:#x}, "
+                f"{len(arrays)} tensor(s)"
+            )
+        try:
+            info = json.loads(np.ascontiguousarray(arrays[0]).tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ProtocolError(f"the INFO answer is not UTF-8 JSON: {e}") from None
+        if not isinstance(info, dict):
+            raise ProtocolError(f"the INFO answer is not a JSON object: {type(info).__name__}")
+        self._info = info
+        return dict(info)
+
+    def _params(self, fmt: str) -> dict[str, Any]:
+        info = self.info()
+        return {
+            "vocab_size": int(info.get("vocab_size") or 0),
+            "num_samples": int(info.get("num_samples") or 0) if fmt in _SAMPLED_FORMATS else 0,
+            "temperature": float(info.get("temperature") or 1.0),
+            "top_k": int(info.get("top_k") or 0),
+            "top_p": float(info.get("top_p") or 1.0),
+        }
+
+    def get_teacher_logits(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        seed: int | None = None,
+        timeout: Any = _UNSET,
+        copy: bool | None = None,
+    ) -> TeacherOutput:
+        """The teacher's output for a batch of token ids [B, S] (numpy or torch; torch is
+        moved to the CPU). ``seed`` makes the server's sampling reproducible.
+
+        ``copy`` (default: only on shared memory) copies the tensors out of the received
+        message. On shared memory a live message holds one of the slot's few response
+        buffers (2 by default), so keeping uncopied outputs alive would soon block further
+        requests with `CapacityError`. Uncopied tensors view the message's buffer; the
+        message is kept in ``output.extra["message"]`` so the buffer outlives them.
+        """
+        ids = _ids_array(input_ids, "input_ids")
+        tensors = [ids]
+        if attention_mask is not None:
+            mask = _ids_array(attention_mask, "attention_mask")
+            if tuple(mask.shape) != tuple(ids.shape):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}"
+                )
+            tensors.append(mask)
+        tag, value = 0, 0
+        if seed is not None:
+            seed = int(seed)
+            if not 0 <= seed < 1 << 64:
+                raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+            tag, value = SEED_FLAG, seed
+        self.info()  # the parameters to decode with (cached)
+        ep = self._ep()
+        with self._lock:
+            msg = ep.request_message(tensors, tag=tag, value=value, timeout=self._timeout(timeout))
+        fmt = format_name(msg.tag)
+        if copy is None:
+            copy = self._kind == "shared_memory"
+        out = TeacherOutput.from_arrays(msg.tag, _message_tensors(msg, copy), **self._params(fmt))
+        if not copy:
+            out.extra["message"] = msg  # the tensors view its buffer
+        return out
+
+    def send_tensor(self, tensor: Any, interval: float = 0.001, timeout: Any = _UNSET) -> Any:
+        """The seed's raw request: send ``tensor`` (an array or a list) and return the
+        server's tensors as they came (``interval`` is ignored: the transport blocks)."""
+        ep = self._ep()
+        with self._lock:
+            return ep.request(tensor, timeout=self._timeout(timeout))
 
 
 class SensAIClient:
