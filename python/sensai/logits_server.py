@@ -587,3 +587,20 @@ def process_logits_request(teacher: TeacherLogitsServer, input_data: Any) -> lis
     except Exception:
         log.exception("logits request failed")
     return [np.array([-1]), np.array([-1])]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sensai.logits_server``: the seed's entry point, the flags of ``sensai serve``."""
+    import click
+
+    from .cli import run_serve, serve_options
+
+    command = click.command(
+        help="Serve a teacher model (the same flags as `sensai serve`). Prints the address "
+        "to pass to sensai.Client when ready."
+    )(serve_options(run_serve))
+    command.main(args=argv, prog_name="python -m sensai.logits_server")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The ``sensai`` command: ``sensai serve`` runs a teacher server, ``sensai info`` asks one
+for its configuration.
+
+Flags are validated before any model loads. ``sensai serve`` prints one line to stdout when
+it is ready, the address to pass to ``sensai.Client``; logs go to stderr. SIGINT and SIGTERM
+stop it cleanly: no new requests are taken, those in flight are answered, the transport's
+files are removed, and it exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+__all__ = ["main", "cli", "serve", "info"]
+
+log = logging.getLogger("sensai.cli")
+
+TRANSPORTS = ("named_pipe", "shared_memory", "unix_socket")
+# sensai.formats.FORMATS, spelled out so that `sensai --help` does not import torch
+FORMATS = ("full", "sampled", "coo", "compact", "topk")
+_PATH_FLAG = {"named_pipe": "pipe_dir", "shared_memory": "shm_path", "unix_socket": "socket_path"}
+#: --max-elems (elements per tensor) -> bytes per message: 8-byte elements, max_tensors tensors.
+_ELEM_BYTES = 8
+
+
+def _positive_temperature(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not value > 0 or value != value or value == float("inf"):
+        raise click.BadParameter(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def _top_p(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise click.BadParameter(f"must be in (0, 1], got {value}")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """SensAI: serve a teacher model's (sampled) logits to distillation students over local
+    IPC (shared memory, Unix sockets or named pipes)."""
+
+
+def serve_options(f: Any) -> Any:
+    """The flags of ``sensai serve`` (shared with ``python -m sensai.logits_server``)."""
+    options = [
+        click.option(
+            "--model",
+            default=None,
+            help="Teacher model: a local folder or Hugging Face cache name "
+            "(default: the embedded SmolLM2-135M-Instruct). Nothing is downloaded.",
+        ),
+        click.option(
+            "--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto."
+        ),
+        click.option(
+            "--transport",
+            type=click.Choice(TRANSPORTS),
+            default="shared_memory",
+            show_default=True,
+            help="How clients reach the server.",
+        ),
+        click.option(
+            "--num-clients",
+            type=click.IntRange(min=1),
+            default=8,
+            show_default=True,
+            help="Slots: how many client connections (processes, DataLoader workers) at once.",
+        ),
+        click.option("--pipe-dir", default=None, help="named_pipe: the pipes' directory."),
+        click.option("--shm-path", default=None, help="shared_memory: the segment's path."),
+        click.option("--socket-path", default=None, help="unix_socket: the socket's path."),
+        click.option(
+            "--max-nbytes",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Largest message (tensor bytes) in either direction [default: 256 MiB].",
+        ),
+        click.option(
+            "--max-elems",
+            type=click.IntRange(min=1),
+            default=None,
+            help="The seed's older limit, elements per tensor; sets --max-nbytes to "
+            f"max_elems * {_ELEM_BYTES} * max_tensors.",
+        ),
+        click.option(
+            "--max-tensors",
+            type=click.IntRange(min=1),
+            default=8,
+            show_default=True,
+            help="Most tensors in one message.",
+        ),
+        click.option(
+            "--max-dims",
+            type=click.IntRange(min=1),
+            default=8,
+            show_default=True,
+            help="Most dimensions of one tensor.",
+        ),
+        click.option(
+            "--interval",
+            type=click.FloatRange(min=0),
+            default=0.001,
+            help="Accepted for the seed's scripts and ignored (the loop is event-driven).",
+        ),
+        click.option(
+            "--num-samples",
+            type=int,
+            default=256,
+            show_default=True,
+            help="Samples per position (sampled, coo, compact formats).",
+        ),
+        click.option(
+            "--temperature",
+            type=float,
+            default=1.0,
+            show_default=True,
+            callback=_positive_temperature,
+            help="Sampling temperature (> 0).",
+        ),
+        click.option(
+            "--top-p",
+            type=float,
+            default=1.0,
+            show_default=True,
+            callback=_top_p,
+            help="Nucleus mask before sampling, in (0, 1].",
+        ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Top-k mask before sampling (0: none).",
+        ),
+        click.option(
+            "--format",
+            "output_format",
+            type=click.Choice(FORMATS),
+            default="sampled",
+            show_default=True,
+            help="Output format of every response (see sensai.formats).",
+        ),
+        click.option(
+            "--topk",
+            type=click.IntRange(min=1),
+            default=64,
+            show_default=True,
+            help="k of the topk format (distinct from --top-k).",
+        ),
+        click.option(
+            "--max-batch-tokens",
+            type=click.IntRange(min=1),
+            default=16384,
+            show_default=True,
+            help="Batch requests across clients up to rows * longest sequence tokens; a larger "
+            "single request runs alone.",
+        ),
+        click.option(
+            "--seed",
+            type=click.IntRange(0, 2**64 - 1),
+            default=None,
+            help="Default seed for requests that carry none (each such request then runs "
+            "alone in the sampling formats, reproducibly).",
+        ),
+        click.option(
+            "--log-level",
+            type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+            default="INFO",
+            show_default=True,
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _check_flags(kw: dict[str, Any]) -> None:
+    """Cross-flag checks click's types cannot express (before any model loads)."""
+    n = kw["num_samples"]
+    if kw["output_format"] in ("sampled", "coo", "compact") and n < 1:
+        raise click.BadParameter(
+            f"must be >= 1 for the {kw['output_format']} format, got {n}",
+            param_hint="'--num-samples'",
+        )
+    if n < -1:
+        raise click.BadParameter(
+            f"must be >= 1 (or 0/-1: none), got {n}", param_hint="'--num-samples'"
+        )
+    if kw["max_elems"] is not None and kw["max_nbytes"] is not None:
+        raise click.UsageError("give --max-nbytes or --max-elems, not both")
+    for kind, name in _PATH_FLAG.items():
+        if kw[name] is not None and kind != kw["transport"]:
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{flag} is for --transport {kind}, not {kw['transport']}")
+
+
+def run_serve(**kw: Any) -> None:
+    """``sensai serve``: validate, open the transport, load the teacher, serve until signalled."""
+    _check_flags(kw)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, kw["log_level"].upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from .errors import SensAIError
+    from .transports import create_transport, format_address
+
+    max_nbytes = kw["max_nbytes"]
+    if kw["max_elems"] is not None:
+        max_nbytes = kw["max_elems"] * _ELEM_BYTES * kw["max_tensors"]
+    limits: dict[str, Any] = {"max_tensors": kw["max_tensors"], "max_dims": kw["max_dims"]}
+    if max_nbytes is not None:
+        limits["max_nbytes"] = max_nbytes
+    kind = kw["transport"]
+    stopping = threading.Event()
+    service: Any = None
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("%s: finishing the requests in flight, then exiting", signal.Signals(signum).name)
+        stopping.set()
+        if service is not None:
+            service.stop()
+
+    try:
+        transport, path = create_transport(
+            kind, kw[_PATH_FLAG[kind]], num_slots=kw["num_clients"], **limits
+        )
+    except (SensAIError, ValueError, OSError) as e:
+        raise click.ClickException(f"cannot open the {kind} transport: {e}") from None
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        from .logits_server import TeacherLogitsServer
+        from .service import TeacherService
+
+        try:
+            teacher = TeacherLogitsServer(
+                kw["model"],
+                device=kw["device"],
+                num_samples=kw["num_samples"],
+                temperature=kw["temperature"],
+                top_p=kw["top_p"],
+                top_k=kw["top_k"],
+                output_format=kw["output_format"],
+                topk=kw["topk"],
+            )
+        except (SensAIError, ValueError, OSError) as e:
+            raise click.ClickException(f"cannot load the teacher: {e}") from None
+        service = TeacherService(
+            teacher,
+            transport,
+            kw["max_batch_tokens"],
+            default_seed=kw["seed"],
+            model_name=kw["model"] or "SmolLM2-135M-Instruct (embedded)",
+        )
+        if stopping.is_set():
+            return
+        log.info(
+            "serving %s (%s, vocab %d) on %s with %d slot(s)",
+            service.model_name,
+            kw["output_format"],
+            teacher.vocab_size,
+            path,
+            kw["num_clients"],
+        )
+        click.echo(format_address(kind, path))
+        sys.stdout.flush()
+        service.serve_forever()
+    finally:
+        transport.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    log.info("stopped; removed %s", path)
+
+
+@cli.command("serve")
+@serve_options
+def serve(**kw: Any) -> None:
+    """Serve a teacher model. Prints the address to pass to sensai.Client when ready."""
+    run_serve(**kw)
+
+
+@cli.command("info")
+@click.argument("address")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the server (connecting, then answering).",
+)
+def info(address: str, timeout: float) -> None:
+    """Print the configuration of the server at ADDRESS (e.g. shm:///dev/shm/sensai-123)."""
+    from .errors import SensAIError
+    from .service import INFO_TAG
+    from .transports import connect
+
+    try:
+        client = connect(address, connect_timeout=timeout)
+    except (SensAIError, ValueError, OSError) as e:
+        raise click.ClickException(f"cannot connect to {address}: {e}") from None
+    try:
+        msg = client.request_message([], kind="control", tag=INFO_TAG, timeout=timeout)
+        arrays = msg.arrays()
+        if msg.kind != "control" or msg.tag != INFO_TAG or len(arrays) != 1:
+            raise click.ClickException(
+                f"unexpected answer to INFO: kind {msg.kind!r}, tag {msg.tag:#x}, "
+                f"{len(arrays)} tensor(s)"
+            )
+        config = json.loads(arrays[0].tobytes().decode("utf-8"))
+    except (SensAIError, ValueError) as e:
+        raise click.ClickException(f"INFO request to {address} failed: {e}") from None
+    finally:
+        client.close()
+    click.echo(json.dumps(config, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``sensai`` console script."""
+    cli.main(args=argv, prog_name="sensai")
+
+
+if __name__ == "__main__":
+    main()

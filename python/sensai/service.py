@@ -1,0 +1,387 @@
+"""``TeacherService``: a teacher served over a transport, batching requests across clients.
+
+Wire protocol (what :class:`sensai.Client` speaks):
+
+* Request: kind ``"request"``, tensors ``[input_ids]`` or ``[input_ids, attention_mask]``
+  (``[B, S]`` or ``[S]``). Header tag bit 0 (:data:`SEED_FLAG`) set means "a seed is given",
+  and the header value is then the seed (u64). Other tag bits must be zero.
+* Response: kind ``"response"``, tag = the output format's tag
+  (:data:`sensai.formats.FORMAT_TAGS`), tensors = ``TeacherOutput.to_arrays()`` as a list.
+* INFO: a control request with tag :data:`INFO_TAG` and no tensors; the reply is a control
+  message with the same tag and one uint8 1-D tensor holding UTF-8 JSON (see :meth:`info`).
+* Failures answer with an error frame: BAD_REQUEST for invalid input, CAPACITY for a response
+  larger than the transport allows (reported, never truncated), INTERNAL otherwise.
+
+Batching. Each round takes every pending request from every ready slot, validates each one
+separately (a bad one gets its error, the others proceed), and groups the valid ones into
+batches whose ``rows * S_max`` stays within ``max_batch_tokens`` (requests are sorted by length
+first, to keep padding small). A batch is right-padded (pad id: the tokenizer's pad token, else
+0) with an attention mask, computed with one ``teacher.compute`` and split back per request by
+batch rows, each part trimmed to the request's own ``S - 1`` positions. Right padding does not
+change a causal model's logits at real positions beyond float rounding.
+
+Requests that run alone (their own batch):
+
+* a single request larger than ``max_batch_tokens``: it is not refused; it runs alone and the
+  teacher's chunked LM head bounds its memory (the hard limits on a request are the transport's
+  ``max_nbytes`` and the model's context, both checked before any compute);
+* in the ``coo`` and ``compact`` formats every request (their tensors are flat, not per row);
+* in the sampling formats (``sampled``, ``coo``, ``compact``) a request with a seed (its own or
+  the server's default seed): it is computed alone, so its answer equals the in-process
+  ``teacher.compute(input_ids, attention_mask, seed=seed)``. ``full`` and ``topk`` do not
+  sample, so seeds do not stop them from batching.
+
+Answers on one slot are sent in the order its requests arrived (the transport answers the
+oldest unanswered request of a slot).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _core
+from ._core import ERROR_CODES
+from .errors import CapacityError, PeerGoneError, SensAIError, TransportTimeout
+
+__all__ = ["TeacherService", "INFO_TAG", "SEED_FLAG", "DEFAULT_MAX_BATCH_TOKENS", "SUMMARY_EVERY"]
+
+log = logging.getLogger("sensai.service")
+
+#: Tag of the INFO control request and of its reply.
+INFO_TAG = 0x1001
+#: Request tag bit: the header value holds a seed.
+SEED_FLAG = 1
+DEFAULT_MAX_BATCH_TOKENS = 16384
+#: Seconds between two INFO-level summary lines.
+SUMMARY_EVERY = 10.0
+
+_BATCHABLE_FORMATS = ("full", "sampled", "topk")
+_SAMPLING_FORMATS = ("sampled", "coo", "compact")
+
+
+@dataclass
+class _Request:
+    """One received message, and later its answer."""
+
+    slot: int
+    ids: torch.Tensor | None = None  # [B, S] int64 on the teacher's device
+    mask: torch.Tensor | None = None  # [B, S] int64 or None (nothing padded)
+    seed: int | None = None
+    # the answer: ("response"|"control", tag, arrays) or ("error", code, message)
+    answer: tuple[str, int, Any] | None = None
+    tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.since = time.monotonic()
+        self.requests = 0
+        self.tokens = 0
+        self.batches = 0
+        self.batched_requests = 0
+        self.errors = 0
+
+
+class TeacherService:
+    """Serve ``teacher`` (a :class:`~sensai.logits_server.TeacherLogitsServer`) on ``transport``
+    (a server endpoint) until :meth:`stop`.
+
+    ``default_seed``: used by requests that carry none (None: torch's global RNG).
+    ``model_name``: reported by INFO (default: the model's ``name_or_path``).
+    """
+
+    def __init__(
+        self,
+        teacher: Any,
+        transport: Any,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        *,
+        default_seed: int | None = None,
+        model_name: str | None = None,
+        poll_timeout: float = 0.5,
+        summary_every: float = SUMMARY_EVERY,
+    ) -> None:
+        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int):
+            raise ValueError(f"max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if default_seed is not None and not 0 <= int(default_seed) < 2**64:
+            raise ValueError(f"default_seed must be in [0, 2**64), got {default_seed!r}")
+        self.teacher = teacher
+        self.transport = transport
+        self.max_batch_tokens = max_batch_tokens
+        self.default_seed = default_seed
+        self.poll_timeout = poll_timeout
+        self.summary_every = summary_every
+        if model_name is None:
+            config = getattr(getattr(teacher, "model", None), "config", None)
+            model_name = str(getattr(config, "name_or_path", "") or "unknown")
+        self.model_name = model_name
+        tok = getattr(teacher, "tokenizer", None)
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        self.pad_id = int(pad) if isinstance(pad, int) and pad >= 0 else 0
+        self._stop = threading.Event()
+        self._stats = _Stats()
+        self.totals = {"requests": 0, "batches": 0, "errors": 0}
+
+    # ------------------------------------------------------------------------- config
+    def info(self) -> dict[str, Any]:
+        """The configuration INFO returns."""
+        t = self.teacher
+        fmt = t.output_format
+        from .formats import FORMAT_TAGS
+
+        return {
+            "model": self.model_name,
+            "vocab_size": int(t.vocab_size),
+            "output_format": fmt,
+            "format_tag": FORMAT_TAGS[fmt],
+            "num_samples": t.num_samples,
+            "temperature": t.temperature,
+            "top_k": t.top_k,
+            "top_p": t.top_p,
+            "topk": t.topk,
+            "protocol_version": int(_core.PROTOCOL_VERSION),
+            "max_batch_tokens": self.max_batch_tokens,
+        }
+
+    def _info_answer(self) -> tuple[str, int, Any]:
+        blob = json.dumps(self.info()).encode("utf-8")
+        return ("control", INFO_TAG, [np.frombuffer(blob, dtype=np.uint8).copy()])
+
+    # --------------------------------------------------------------------------- loop
+    def serve_forever(self) -> None:
+        """Serve until :meth:`stop`; requests already taken are answered before it returns."""
+        while not self._stop.is_set():
+            try:
+                ready = self.transport.wait_any(self.poll_timeout)
+            except TransportTimeout:
+                ready = []
+            if ready:
+                self.serve_round(ready)
+            if time.monotonic() - self._stats.since >= self.summary_every:
+                self._log_summary()
+        self._log_summary()
+
+    def stop(self) -> None:
+        """Make :meth:`serve_forever` return after the current round (safe from a signal
+        handler or another thread)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def serve_round(self, ready: list[int]) -> int:
+        """Take every pending request of the ``ready`` slots, answer them all; returns how
+        many were taken."""
+        queues: dict[int, deque[_Request]] = {}
+        valid: list[_Request] = []
+        for slot in ready:
+            while True:
+                try:
+                    msg = self.transport.recv_message(slot)
+                except SensAIError as e:
+                    log.warning("slot %d: cannot read a request: %s", slot, e)
+                    break
+                if msg is None:
+                    break
+                req = self._parse(slot, msg)
+                del msg  # on shared memory its arrays view the client's buffer
+                queues.setdefault(slot, deque()).append(req)
+                if req.answer is None:
+                    valid.append(req)
+        taken = sum(len(q) for q in queues.values())
+        self._flush(queues)  # errors and INFO at the head of a slot go out now
+        for batch in self._plan(valid):
+            self._run_batch(batch)
+            self._flush(queues)
+        return taken
+
+    # ---------------------------------------------------------------------- requests
+    def _parse(self, slot: int, msg: Any) -> _Request:
+        req = _Request(slot)
+        self._stats.requests += 1
+        self.totals["requests"] += 1
+        if msg.kind == "control":
+            if msg.tag == INFO_TAG:
+                req.answer = self._info_answer()
+            else:
+                req.answer = self._error(
+                    slot, "BAD_REQUEST", f"unknown control tag {msg.tag:#x} (INFO is {INFO_TAG:#x})"
+                )
+            return req
+        if msg.kind != "request":
+            req.answer = self._error(slot, "BAD_REQUEST", f"unexpected message kind {msg.kind!r}")
+            return req
+        if msg.tag & ~SEED_FLAG:
+            req.answer = self._error(
+                slot, "BAD_REQUEST", f"unknown request flags {msg.tag:#x} (only bit 0, seed)"
+            )
+            return req
+        n = len(msg)
+        if n not in (1, 2):
+            req.answer = self._error(
+                slot,
+                "BAD_REQUEST",
+                f"a request carries [input_ids] or [input_ids, attention_mask]; got {n} tensors",
+            )
+            return req
+        if msg.has_bfloat16:
+            req.answer = self._error(
+                slot, "BAD_REQUEST", "input_ids must be integer token ids, got bfloat16"
+            )
+            return req
+        arrays = [np.array(a, copy=True) for a in msg.arrays()]  # own them: msg goes now
+        try:
+            ids, mask = self.teacher.prepare_inputs(arrays[0], arrays[1] if n == 2 else None)
+        except ValueError as e:
+            req.answer = self._error(slot, "BAD_REQUEST", str(e))
+            return req
+        req.ids, req.mask = ids, mask
+        req.seed = int(msg.value) if msg.tag & SEED_FLAG else self.default_seed
+        req.tokens = int(ids.numel()) if mask is None else int(mask.sum())
+        return req
+
+    def _error(self, slot: int, code: str, message: str) -> tuple[str, int, Any]:
+        log.warning("slot %d: %s: %s", slot, code.lower().replace("_", " "), message)
+        self._stats.errors += 1
+        self.totals["errors"] += 1
+        return ("error", ERROR_CODES[code], message)
+
+    def _alone(self, req: _Request) -> bool:
+        fmt = self.teacher.output_format
+        if fmt not in _BATCHABLE_FORMATS:
+            return True
+        return req.seed is not None and fmt in _SAMPLING_FORMATS
+
+    def _plan(self, reqs: list[_Request]) -> list[list[_Request]]:
+        """Batches of requests, each within ``max_batch_tokens`` (rows * longest S) unless a
+        request alone exceeds it."""
+        batches: list[list[_Request]] = []
+        shared = []
+        for r in reqs:
+            (batches.append([r]) if self._alone(r) else shared.append(r))
+        shared.sort(key=lambda r: int(r.ids.shape[1]))  # type: ignore[union-attr]
+        cur: list[_Request] = []
+        rows = s_max = 0
+        for r in shared:
+            b, s = (int(x) for x in r.ids.shape)  # type: ignore[union-attr]
+            if cur and (rows + b) * max(s_max, s) > self.max_batch_tokens:
+                batches.append(cur)
+                cur, rows, s_max = [], 0, 0
+            cur.append(r)
+            rows += b
+            s_max = max(s_max, s)
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        try:
+            if len(batch) == 1:
+                r = batch[0]
+                out = self.teacher.compute(r.ids, r.mask, seed=r.seed)
+                arrays = [t.detach().cpu() for t in out.to_arrays()]
+                r.answer = ("response", out.tag, arrays)
+            else:
+                self._compute_batched(batch)
+        except Exception as e:  # noqa: BLE001 - reported to the clients concerned
+            traceback.clear_frames(e.__traceback__)
+            if len(batch) > 1:
+                log.warning("a batch of %d failed (%s); retrying one by one", len(batch), e)
+                for r in batch:
+                    self._run_batch([r])
+                return
+            r = batch[0]
+            code = "BAD_REQUEST" if isinstance(e, ValueError) else "INTERNAL"
+            r.answer = self._error(r.slot, code, f"{type(e).__name__}: {e}")
+            return
+        self._stats.batches += 1
+        self._stats.batched_requests += len(batch)
+        self._stats.tokens += sum(r.tokens for r in batch)
+        self.totals["batches"] += 1
+
+    def _compute_batched(self, batch: list[_Request]) -> None:
+        s_max = max(int(r.ids.shape[1]) for r in batch)  # type: ignore[union-attr]
+        dev = batch[0].ids.device  # type: ignore[union-attr]
+        ids_parts, mask_parts = [], []
+        for r in batch:
+            ids = r.ids
+            assert ids is not None  # only valid requests are batched
+            b, s = ids.shape
+            mask = r.mask if r.mask is not None else torch.ones(b, s, dtype=torch.int64, device=dev)
+            pad = s_max - s
+            if pad:
+                ids = torch.nn.functional.pad(ids, (0, pad), value=self.pad_id)
+                mask = torch.nn.functional.pad(mask, (0, pad), value=0)
+            ids_parts.append(ids)
+            mask_parts.append(mask)
+        out = self.teacher.compute(torch.cat(ids_parts), torch.cat(mask_parts), seed=None)
+        arrays = [t.detach().cpu() for t in out.to_arrays()]
+        row = 0
+        for r in batch:
+            b, s = (int(x) for x in r.ids.shape)  # type: ignore[union-attr]
+            p = self.teacher.num_positions(s)
+            part = [a[row : row + b, :p].contiguous() for a in arrays]
+            r.answer = ("response", out.tag, part)
+            row += b
+
+    # ------------------------------------------------------------------------ answers
+    def _flush(self, queues: dict[int, deque[_Request]]) -> None:
+        """Send every answer whose earlier requests on the same slot are answered."""
+        for slot, q in queues.items():
+            while q and q[0].answer is not None:
+                self._send(slot, q.popleft().answer)  # type: ignore[arg-type]
+
+    def _send(self, slot: int, answer: tuple[str, int, Any]) -> None:
+        kind, tag, body = answer
+        try:
+            if kind == "error":
+                self.transport.send_error(slot, tag, body)
+            else:
+                self.transport.send_message(slot, body, tag=tag, kind=kind)
+        except PeerGoneError as e:
+            log.info("slot %d: client left before its answer: %s", slot, e)
+        except CapacityError as e:
+            text = f"the response does not fit the transport: {e}"
+            self._send_error_frame(slot, "CAPACITY", text)
+        except SensAIError as e:
+            self._send_error_frame(slot, "INTERNAL", f"cannot send the response: {e}")
+
+    def _send_error_frame(self, slot: int, code: str, text: str) -> None:
+        self._error(slot, code, text)
+        try:
+            self.transport.send_error(slot, ERROR_CODES[code], text)
+        except SensAIError as e:
+            log.warning("slot %d: could not deliver the error frame: %s", slot, e)
+
+    # ------------------------------------------------------------------------ summary
+    def _log_summary(self) -> None:
+        st = self._stats
+        elapsed = max(time.monotonic() - st.since, 1e-9)
+        if st.requests or st.errors:
+            mean_batch = st.batched_requests / st.batches if st.batches else 0.0
+            log.info(
+                "%d requests, %.0f tokens/s, mean batch %.1f requests, %d errors (last %.0f s)",
+                st.requests,
+                st.tokens / elapsed,
+                mean_batch,
+                st.errors,
+                elapsed,
+            )
+        st.reset()

@@ -1,0 +1,357 @@
+"""The teacher service: `sensai serve` as a real subprocess on every transport, and the
+batching of `TeacherService` checked in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from sensai import _core
+from sensai.errors import RemoteError
+from sensai.formats import FORMAT_TAGS, TeacherOutput
+from sensai.service import INFO_TAG, SEED_FLAG, TeacherService
+from sensai.transports import connect
+
+pytestmark = pytest.mark.timeout(60)
+
+TRANSPORTS = ("shared_memory", "unix_socket", "named_pipe")
+_PATH_FLAG = {
+    "shared_memory": "--shm-path",
+    "unix_socket": "--socket-path",
+    "named_pipe": "--pipe-dir",
+}
+NUM_SAMPLES = 16
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The server's first stdout line, within ``timeout`` seconds."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise AssertionError(f"the server printed nothing within {timeout}s")
+    return proc.stdout.readline().strip()
+
+
+class Server:
+    def __init__(self, model_dir: str, kind: str, *extra: str, wait: bool = True) -> None:
+        self.dir = tempfile.mkdtemp(prefix="sai-svc-", dir="/tmp")
+        self.path = os.path.join(self.dir, {"unix_socket": "s.sock"}.get(kind, "t"))
+        self.log = open(os.path.join(self.dir, "stderr.log"), "w+")  # noqa: SIM115
+        cmd = [
+            sys.executable, "-m", "sensai.cli", "serve", "--model", model_dir, "--device", "cpu",
+            "--transport", kind, _PATH_FLAG[kind], self.path, "--num-clients", "4",
+            "--num-samples", str(NUM_SAMPLES), *extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.address = ""
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        try:
+            self.address = _read_line(self.proc, 40)
+        except AssertionError:
+            self.stop()
+            raise AssertionError(self.stderr()) from None
+        assert self.address, self.stderr()
+
+    def stderr(self) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        self.stop()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir: str) -> Iterator[dict[str, Server]]:
+    """One `sensai serve` per transport, started together (their start-up overlaps)."""
+    started: dict[str, Server] = {}
+    try:
+        for kind in TRANSPORTS:
+            started[kind] = Server(tiny_model_dir, kind, wait=False)
+        for s in started.values():
+            s.wait_ready()
+        yield started
+    finally:
+        for s in started.values():
+            s.cleanup()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def server(request: pytest.FixtureRequest, servers: dict[str, Server]) -> Server:
+    return servers[request.param]
+
+
+def _ids(b: int, s: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, 300, size=(b, s), dtype=np.int64)
+
+
+def _output(msg: Any, teacher: Any) -> TeacherOutput:
+    return TeacherOutput.from_arrays(msg.tag, [np.array(a) for a in msg.arrays()])
+
+
+class TestServed:
+    def test_info_returns_the_configuration(self, server: Server, tiny_teacher: Any) -> None:
+        with connect(server.address, connect_timeout=10) as c:
+            msg = c.request_message([], kind="control", tag=INFO_TAG, timeout=20)
+        assert msg.kind == "control" and msg.tag == INFO_TAG
+        (blob,) = msg.arrays()
+        assert blob.dtype == np.uint8 and blob.ndim == 1
+        info = json.loads(blob.tobytes().decode("utf-8"))
+        assert info["vocab_size"] == tiny_teacher.vocab_size
+        assert info["output_format"] == "sampled"
+        assert info["format_tag"] == FORMAT_TAGS["sampled"]
+        assert info["num_samples"] == NUM_SAMPLES
+        assert info["temperature"] == 1.0 and info["top_k"] == 0 and info["top_p"] == 1.0
+        assert info["topk"] == 64 and info["max_batch_tokens"] == 16384
+        assert info["protocol_version"] == _core.PROTOCOL_VERSION
+        assert info["model"]
+
+    def test_seeded_answer_equals_the_in_process_teacher(
+        self, server: Server, tiny_teacher: Any
+    ) -> None:
+        ids = _ids(2, 9, seed=1)
+        mask = np.ones_like(ids)
+        mask[1, 6:] = 0
+        with connect(server.address, connect_timeout=10) as c:
+            msg = c.request_message([ids, mask], tag=SEED_FLAG, value=1234, timeout=20)
+        assert msg.kind == "response" and msg.tag == FORMAT_TAGS["sampled"]
+        got = _output(msg, tiny_teacher)
+        ref = tiny_teacher.compute(ids, mask, seed=1234)
+        assert got.indices.shape == (2, 8, NUM_SAMPLES)
+        for a, b in zip(got.to_arrays(), ref.to_arrays(), strict=True):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            else:
+                assert torch.equal(a, b)
+
+    def test_bad_request_gets_an_error_and_the_next_request_works(self, server: Server) -> None:
+        with connect(server.address, connect_timeout=10) as c:
+            with pytest.raises(RemoteError) as info:
+                c.request_message([np.zeros((1, 5), dtype=np.float32)], timeout=20)
+            assert info.value.code == _core.ERROR_CODES["BAD_REQUEST"]
+            assert "input_ids must be integer token ids" in info.value.message
+            with pytest.raises(RemoteError, match="beyond the vocabulary"):
+                c.request_message([np.full((1, 4), 10**6, dtype=np.int64)], timeout=20)
+            msg = c.request_message([_ids(1, 5)], timeout=20)  # 1-D or 2-D, no seed
+            assert msg.kind == "response"
+            assert [tuple(a.shape) for a in msg.arrays()][0] == (1, 4, NUM_SAMPLES)
+
+    def test_info_command(self, server: Server) -> None:
+        from click.testing import CliRunner
+
+        from sensai.cli import cli
+
+        out = CliRunner().invoke(cli, ["info", server.address, "--timeout", "20"])
+        assert out.exit_code == 0, out.output
+        info = json.loads(out.output)
+        assert info["output_format"] == "sampled" and info["num_samples"] == NUM_SAMPLES
+
+    def test_sigterm_exits_0_and_removes_the_files(self, server: Server) -> None:
+        assert os.path.exists(server.path)
+        assert server.stop() == 0, server.stderr()
+        assert not os.path.exists(server.path), "the server left its transport files"
+
+
+def test_info_command_without_a_server_fails_with_one_line(short_tmp: str) -> None:
+    from click.testing import CliRunner
+
+    from sensai.cli import cli
+
+    address = f"unix://{short_tmp}/none.sock"
+    out = CliRunner().invoke(cli, ["info", address, "--timeout", "0.2"])
+    assert out.exit_code != 0
+    assert "cannot connect" in out.output and len(out.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--transport", "carrier_pigeon"], "--transport"),
+        (["--temperature", "0"], "--temperature"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--top-p", "0"], "--top-p"),
+        (["--num-clients", "-1"], "--num-clients"),
+        (["--max-nbytes", "-5"], "--max-nbytes"),
+        (["--max-elems", "-5"], "--max-elems"),
+        (["--max-batch-tokens", "0"], "--max-batch-tokens"),
+        (["--format", "sampled", "--num-samples", "0"], "--num-samples"),
+        (["--transport", "unix_socket", "--pipe-dir", "/tmp/x"], "--pipe-dir"),
+    ],
+)
+def test_bad_flags_exit_before_loading_a_model(
+    args: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    import sensai.logits_server
+    import sensai.transports
+    from sensai.cli import cli
+
+    def must_not_run(*a: Any, **k: Any) -> None:
+        raise AssertionError("reached model loading / transport creation")
+
+    monkeypatch.setattr(sensai.logits_server, "TeacherLogitsServer", must_not_run)
+    monkeypatch.setattr(sensai.transports, "create_transport", must_not_run)
+    out = CliRunner().invoke(cli, ["serve", "--model", "/nonexistent/model", *args])
+    assert out.exit_code == 2, out.output
+    assert message in out.output and "Error:" in out.output
+
+
+def test_logits_server_entry_point_has_the_same_flags(capsys: pytest.CaptureFixture) -> None:
+    from sensai.logits_server import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--max-batch-tokens", "--max-elems", "--socket-path", "--seed", "--format"):
+        assert flag in text
+
+
+# --- batching, in-process over a stand-in transport ------------------------------------------
+
+
+class _Msg:
+    def __init__(self, arrays: list[np.ndarray], kind: str = "request", tag: int = 0, value=0):
+        self._arrays, self.kind, self.tag, self.value = arrays, kind, tag, value
+        self.has_bfloat16 = False
+        self.is_list = True
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def arrays(self) -> list[np.ndarray]:
+        return self._arrays
+
+
+class _FakeTransport:
+    """Queued requests per slot; records what the service answers."""
+
+    def __init__(self, requests: dict[int, list[_Msg]]) -> None:
+        self.pending = {s: list(q) for s, q in requests.items()}
+        self.sent: list[tuple[int, str, int, Any]] = []
+
+    def recv_message(self, slot: int) -> _Msg | None:
+        q = self.pending.get(slot)
+        return q.pop(0) if q else None
+
+    def send_message(self, slot: int, body: Any, *, tag: int = 0, value: int = 0, kind: str = ""):
+        self.sent.append((slot, kind, tag, body))
+
+    def send_error(self, slot: int, code: int, message: str) -> None:
+        self.sent.append((slot, "error", code, message))
+
+
+@pytest.fixture
+def full_teacher(tiny_model_dir: str):
+    from sensai.logits_server import TeacherLogitsServer
+
+    return TeacherLogitsServer(tiny_model_dir, device="cpu", num_samples=16, output_format="full")
+
+
+def test_batched_equals_unbatched_in_the_full_format(full_teacher: Any) -> None:
+    a, b = _ids(2, 11, seed=2), _ids(1, 6, seed=3)
+    fake = _FakeTransport({0: [_Msg([a])], 3: [_Msg([b])]})
+    service = TeacherService(full_teacher, fake, max_batch_tokens=64)
+    assert service.serve_round([0, 3]) == 2
+    assert service.totals["batches"] == 1  # both in one forward
+    assert [s[0] for s in sorted(fake.sent)] == [0, 3]
+    answers = sorted(fake.sent, key=lambda x: x[0])
+    for (_, kind, tag, body), ids in zip(answers, (a, b), strict=True):
+        assert kind == "response" and tag == FORMAT_TAGS["full"]
+        got = TeacherOutput.from_arrays(tag, body)
+        alone = full_teacher.compute(ids)
+        assert got.logits.shape == alone.logits.shape == (ids.shape[0], ids.shape[1] - 1, 320)
+        assert bool(got.mask.all())
+        torch.testing.assert_close(got.logits, alone.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_batches_respect_max_batch_tokens_and_answer_in_order(full_teacher: Any) -> None:
+    ids = [_ids(1, 8, seed=i) for i in range(3)]
+    bad = np.zeros((1, 4), dtype=np.float64)
+    # slot 1 pipelines a good request, a bad one, then INFO: answered in that order
+    fake = _FakeTransport(
+        {
+            0: [_Msg([ids[0]])],
+            1: [_Msg([ids[1]]), _Msg([bad]), _Msg([], kind="control", tag=INFO_TAG)],
+            2: [_Msg([ids[2]])],
+        }
+    )
+    service = TeacherService(full_teacher, fake, max_batch_tokens=16)  # 2 rows of 8 at most
+    assert service.serve_round([0, 1, 2]) == 5
+    assert service.totals["batches"] == 2 and service.totals["errors"] == 1
+    slot1 = [(k, t) for s, k, t, _ in fake.sent if s == 1]
+    assert slot1 == [
+        ("response", FORMAT_TAGS["full"]),
+        ("error", _core.ERROR_CODES["BAD_REQUEST"]),
+        ("control", INFO_TAG),
+    ]
+    for slot, kind, _, body in fake.sent:
+        if kind == "response":
+            ref = full_teacher.compute(ids[slot]).logits
+            torch.testing.assert_close(torch.as_tensor(body[0]), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_serve_forever_returns_after_stop(full_teacher: Any) -> None:
+    from sensai.errors import TransportTimeout
+
+    class Idle(_FakeTransport):
+        def wait_any(self, timeout: float | None = None) -> list[int]:
+            service.stop()
+            raise TransportTimeout("idle")
+
+    service = TeacherService(full_teacher, Idle({}), poll_timeout=0.01)
+    t0 = time.monotonic()
+    service.serve_forever()
+    assert time.monotonic() - t0 < 5
+
+
+def test_seeded_requests_run_alone_and_oversized_answers_are_reported(tiny_teacher: Any) -> None:
+    from sensai.errors import CapacityError
+
+    class Small(_FakeTransport):
+        def send_message(self, slot: int, body: Any, **kw: Any) -> None:
+            if slot == 1:
+                raise CapacityError("message carries too many bytes")
+            super().send_message(slot, body, **kw)
+
+    a, b = _ids(1, 7, seed=4), _ids(1, 7, seed=5)
+    fake = Small({0: [_Msg([a], tag=SEED_FLAG, value=9)], 1: [_Msg([b], tag=SEED_FLAG, value=9)]})
+    service = TeacherService(tiny_teacher, fake)
+    service.serve_round([0, 1])
+    assert service.totals["batches"] == 2  # seeded sampling: one forward each, reproducible
+    (slot0,) = [x for x in fake.sent if x[0] == 0]
+    got = TeacherOutput.from_arrays(slot0[2], slot0[3])
+    assert torch.equal(got.indices, tiny_teacher.compute(a, seed=9).indices)
+    (slot1,) = [x for x in fake.sent if x[0] == 1]
+    assert slot1[1:3] == ("error", _core.ERROR_CODES["CAPACITY"])
+    assert "does not fit" in slot1[3]
