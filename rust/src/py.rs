@@ -402,6 +402,18 @@ impl PyMessage {
     }
 }
 
+/// The header fields a caller chooses for an outgoing message.
+fn header(kind: Kind, is_list: bool, tag: u32, value: u64) -> Meta {
+    Meta {
+        kind,
+        flags: if is_list { FLAG_LIST } else { 0 },
+        request_id: 0,
+        slot: 0,
+        app_tag: tag,
+        app_value: value,
+    }
+}
+
 fn kind_arg(kind: &str) -> PyResult<Kind> {
     match kind {
         "request" => Ok(Kind::Request),
@@ -611,14 +623,7 @@ impl PyServer {
                 shape: s,
             })
             .collect();
-        let meta = Meta {
-            kind: Kind::Response,
-            flags: if is_list { FLAG_LIST } else { 0 },
-            request_id: 0,
-            slot: 0,
-            app_tag: tag,
-            app_value: value,
-        };
+        let meta = header(Kind::Response, is_list, tag, value);
         let shm = self.shm()?;
         let r = py
             .detach(|| shm.reserve(slot_id, meta, &tspecs))
@@ -724,14 +729,7 @@ impl PyServer {
     ) -> PyResult<()> {
         let kind = kind_arg(kind)?;
         let out = Outgoing::collect(&arrays, dtypes)?;
-        let meta = Meta {
-            kind,
-            flags: if is_list { FLAG_LIST } else { 0 },
-            request_id: 0,
-            slot: 0,
-            app_tag: tag,
-            app_value: value,
-        };
+        let meta = header(kind, is_list, tag, value);
         let inner = self.inner()?;
         py.detach(|| inner.send(slot_id, meta, &out.refs()))
             .map_err(|e| to_pyerr(py, e))
@@ -894,14 +892,7 @@ impl PyClient {
         let kind = kind_arg(kind)?;
         let t = timeout_arg(timeout, "timeout")?;
         let out = Outgoing::collect(&arrays, dtypes)?;
-        let meta = Meta {
-            kind,
-            flags: if is_list { FLAG_LIST } else { 0 },
-            request_id: 0,
-            slot: 0,
-            app_tag: tag,
-            app_value: value,
-        };
+        let meta = header(kind, is_list, tag, value);
         let inner = self.inner()?;
         detached(py, |check| inner.send(meta, &out.refs(), t, check))
     }
@@ -936,14 +927,7 @@ impl PyClient {
         let kind = kind_arg(kind)?;
         let t = timeout_arg(timeout, "timeout")?;
         let out = Outgoing::collect(&arrays, dtypes)?;
-        let meta = Meta {
-            kind,
-            flags: if is_list { FLAG_LIST } else { 0 },
-            request_id: 0,
-            slot: 0,
-            app_tag: tag,
-            app_value: value,
-        };
+        let meta = header(kind, is_list, tag, value);
         let inner = self.inner()?;
         detached(py, |check| {
             let deadline = crate::transport::Deadline::after(t);

@@ -33,8 +33,8 @@ use crate::transport::lock::{pid_alive, read_pid, LockFile};
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::wait_fd;
 use crate::transport::{
-    check_slot, hello_ack_values, parse_hello_ack, poll_fds, ClientEndpoint, Deadline, DirWatch,
-    Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_client_kind, check_slot, hello_ack_values, parse_hello_ack, poll_fds, request_context,
+    ClientEndpoint, Deadline, DirWatch, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
 use std::os::fd::AsFd;
 
@@ -430,40 +430,11 @@ impl ServerEndpoint for FifoServer {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<Vec<usize>> {
-        let deadline = Deadline::after(timeout);
-        // Requests tend to follow each other closely: look again without blocking for a
-        // short while before sleeping in poll.
-        let spin_end = std::time::Instant::now() + stream::SPIN;
-        loop {
-            self.pump(Duration::ZERO)?;
-            let ready = self.ready_slots();
-            if !ready.is_empty()
-                || timeout == Some(Duration::ZERO)
-                || std::time::Instant::now() >= spin_end
-            {
-                break;
-            }
-            std::hint::spin_loop();
-        }
-        loop {
-            let ready = self.ready_slots();
-            if !ready.is_empty() {
-                return Ok(ready);
-            }
-            self.pump(deadline.slice())?;
-            let ready = self.ready_slots();
-            if !ready.is_empty() {
-                return Ok(ready);
-            }
-            if timeout == Some(Duration::ZERO) {
-                return Ok(Vec::new());
-            }
-            interrupt()?;
-            if deadline.expired() {
-                return Err(deadline
-                    .timeout_error(format!("waiting for requests on {}", self.dir.display())));
-            }
-        }
+        let what = format!("waiting for requests on {}", self.dir.display());
+        stream::wait_any(timeout, interrupt, &what, |wait| {
+            self.pump(wait)?;
+            Ok(self.ready_slots())
+        })
     }
 
     fn is_ready_slot(&mut self, slot: usize) -> Result<bool> {
@@ -791,12 +762,7 @@ impl ClientEndpoint for FifoClient {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<u64> {
-        if meta.kind != Kind::Request && meta.kind != Kind::Control {
-            return Err(Error::Role(format!(
-                "a client can only send requests, not {} frames",
-                meta.kind.name()
-            )));
-        }
+        check_client_kind(&meta)?;
         let what = self.what();
         let pid = self.server_pid;
         let req = self.req.as_mut().ok_or(Error::Closed)?;
@@ -823,10 +789,7 @@ impl ClientEndpoint for FifoClient {
             &|| format!("sending on {what}"),
             &mut live,
         )
-        .map_err(|e| match e {
-            Error::Capacity(m) => Error::Capacity(format!("request on {what}: {m}")),
-            other => other,
-        })?;
+        .map_err(|e| request_context(e, &what))?;
         self.next_id += 1;
         self.outstanding.push_back(id);
         Ok(id)

@@ -317,6 +317,25 @@ pub(crate) fn wait_fd(
     }
 }
 
+/// A client sends requests (and upper-layer control frames), nothing else.
+pub(crate) fn check_client_kind(meta: &Meta) -> Result<()> {
+    if meta.kind != Kind::Request && meta.kind != Kind::Control {
+        return Err(Error::Role(format!(
+            "a client can only send requests, not {} frames",
+            meta.kind.name()
+        )));
+    }
+    Ok(())
+}
+
+/// Name the slot and path in a capacity error about a client's request.
+pub(crate) fn request_context(e: Error, what: &str) -> Error {
+    match e {
+        Error::Capacity(m) => Error::Capacity(format!("request on {what}: {m}")),
+        other => other,
+    }
+}
+
 /// Check a slot index against the server's slot count.
 pub(crate) fn check_slot(slot: usize, num_slots: usize, path: &Path) -> Result<()> {
     if slot >= num_slots {

@@ -97,8 +97,8 @@ use crate::frame::{self, error_code, Kind, Limits, Meta, TensorRef, TensorSpec};
 use crate::sync::{futex_wait, futex_wake_all, Event, Wake};
 use crate::transport::lock::{pid_alive, LockFile};
 use crate::transport::{
-    check_slot, rand_u64, ClientEndpoint, Deadline, DirWatch, Interrupt, Message, ServerEndpoint,
-    INTERRUPT_CHECK,
+    check_client_kind, check_slot, rand_u64, request_context, ClientEndpoint, Deadline, DirWatch,
+    Interrupt, Message, ServerEndpoint, INTERRUPT_CHECK,
 };
 
 /// Magic at offset 0 of a shared-memory file (distinct from the frame magic).
@@ -1744,12 +1744,7 @@ impl ClientEndpoint for ShmClient {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<u64> {
-        if meta.kind != Kind::Request && meta.kind != Kind::Control {
-            return Err(Error::Role(format!(
-                "a client can only send requests, not {} frames",
-                meta.kind.name()
-            )));
-        }
+        check_client_kind(&meta)?;
         let region = self.region_ref()?;
         if region.ready().load(Ordering::Acquire) != READY {
             return Err(Error::PeerGone(format!(
@@ -1765,10 +1760,7 @@ impl ClientEndpoint for ShmClient {
                 shape: t.shape,
             })
             .collect();
-        let lay = frame::layout(&specs, &self.limits).map_err(|e| match e {
-            Error::Capacity(m) => Error::Capacity(format!("request on {what}: {m}")),
-            other => other,
-        })?;
+        let lay = frame::layout(&specs, &self.limits).map_err(|e| request_context(e, &what))?;
         for (i, t) in tensors.iter().enumerate() {
             if t.data.len() as u64 != lay.nbytes[i] {
                 return Err(Error::InvalidArgument(format!(

@@ -322,6 +322,42 @@ impl OutQueue {
 /// microseconds on a busy or virtualised machine.
 pub(crate) const SPIN: Duration = Duration::from_micros(100);
 
+/// The `wait_any` of the stream servers: a few non-blocking rounds for `SPIN`, then rounds
+/// that poll for one interruptible slice each, until `pump` (one round of I/O, waiting at most
+/// the given time) reports slots with requests or the deadline passes. `timeout` zero polls
+/// once and may return an empty list; any other expired timeout is an error.
+pub(crate) fn wait_any(
+    timeout: Option<Duration>,
+    interrupt: Interrupt<'_>,
+    what: &str,
+    mut pump: impl FnMut(Duration) -> Result<Vec<usize>>,
+) -> Result<Vec<usize>> {
+    let deadline = Deadline::after(timeout);
+    // Requests tend to follow each other closely: look again without blocking for a short
+    // while before sleeping in poll.
+    let spin_end = Instant::now() + SPIN;
+    loop {
+        let ready = pump(Duration::ZERO)?;
+        if !ready.is_empty() || timeout == Some(Duration::ZERO) {
+            return Ok(ready);
+        }
+        if Instant::now() >= spin_end {
+            break;
+        }
+        std::hint::spin_loop();
+    }
+    loop {
+        let ready = pump(deadline.slice())?;
+        if !ready.is_empty() {
+            return Ok(ready);
+        }
+        interrupt()?;
+        if deadline.expired() {
+            return Err(deadline.timeout_error(what));
+        }
+    }
+}
+
 /// How long a server keeps writing a response straight from the caller's buffers while the
 /// client is draining it, before it copies the rest and moves on.
 pub(crate) const DIRECT_WRITE_BUDGET: Duration = Duration::from_millis(25);

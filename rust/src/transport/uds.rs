@@ -23,8 +23,9 @@ use crate::frame::{self, control, error_code, DType, Kind, Limits, Meta, TensorR
 use crate::transport::lock::LockFile;
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::{
-    check_slot, hello_ack_values, parse_hello_ack, poll_fds, rand_u64, ClientEndpoint, Deadline,
-    DirWatch, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_client_kind, check_slot, hello_ack_values, parse_hello_ack, poll_fds, rand_u64,
+    request_context, ClientEndpoint, Deadline, DirWatch, Interrupt, Message, ServerEndpoint,
+    HANDSHAKE_LIMITS,
 };
 
 /// Most requests a server reads ahead on one slot before it stops reading that client.
@@ -499,40 +500,11 @@ impl ServerEndpoint for UdsServer {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<Vec<usize>> {
-        let deadline = Deadline::after(timeout);
-        // Requests tend to follow each other closely: look again without blocking for a
-        // short while before sleeping in poll.
-        let spin_end = std::time::Instant::now() + stream::SPIN;
-        loop {
-            self.pump(Duration::ZERO)?;
-            let ready = self.ready_slots();
-            if !ready.is_empty()
-                || timeout == Some(Duration::ZERO)
-                || std::time::Instant::now() >= spin_end
-            {
-                break;
-            }
-            std::hint::spin_loop();
-        }
-        loop {
-            let ready = self.ready_slots();
-            if !ready.is_empty() {
-                return Ok(ready);
-            }
-            self.pump(deadline.slice())?;
-            let ready = self.ready_slots();
-            if !ready.is_empty() {
-                return Ok(ready);
-            }
-            if timeout == Some(Duration::ZERO) {
-                return Ok(Vec::new());
-            }
-            interrupt()?;
-            if deadline.expired() {
-                return Err(deadline
-                    .timeout_error(format!("waiting for requests on {}", self.path.display())));
-            }
-        }
+        let what = format!("waiting for requests on {}", self.path.display());
+        stream::wait_any(timeout, interrupt, &what, |wait| {
+            self.pump(wait)?;
+            Ok(self.ready_slots())
+        })
     }
 
     fn is_ready_slot(&mut self, slot: usize) -> Result<bool> {
@@ -764,12 +736,7 @@ impl ClientEndpoint for UdsClient {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<u64> {
-        if meta.kind != Kind::Request && meta.kind != Kind::Control {
-            return Err(Error::Role(format!(
-                "a client can only send requests, not {} frames",
-                meta.kind.name()
-            )));
-        }
+        check_client_kind(&meta)?;
         let what = self.what();
         let stream = self.stream.as_mut().ok_or(Error::Closed)?;
         let id = self.next_id;
@@ -786,10 +753,7 @@ impl ClientEndpoint for UdsClient {
             &|| format!("sending on {what}"),
             &mut || Ok(()),
         )
-        .map_err(|e| match e {
-            Error::Capacity(m) => Error::Capacity(format!("request on {what}: {m}")),
-            other => other,
-        })?;
+        .map_err(|e| request_context(e, &what))?;
         self.next_id += 1;
         self.outstanding.push_back(id);
         Ok(id)
