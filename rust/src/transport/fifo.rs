@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,7 +34,8 @@ use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::wait_fd;
 use crate::transport::{
     check_client_kind, check_slot, hello_ack_values, parse_hello_ack, poll_fds, request_context,
-    ClientEndpoint, Deadline, DirWatch, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    take_answer, ClientEndpoint, Deadline, DirWatch, Interrupt, Message, ServerEndpoint,
+    HANDSHAKE_LIMITS,
 };
 use std::os::fd::AsFd;
 
@@ -111,7 +112,7 @@ impl FifoServer {
                 "num_slots must be in 1..=4096, got {num_slots}"
             )));
         }
-        let created_dir = match std::fs::DirBuilder::new().mode_0700().create(&dir) {
+        let created_dir = match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => true,
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 let m = std::fs::symlink_metadata(&dir).at("cannot inspect", &dir)?;
@@ -400,15 +401,6 @@ impl FifoServer {
         (0..self.slots.len())
             .filter(|&i| !self.slots[i].pending.is_empty())
             .collect()
-    }
-}
-
-trait DirBuilderExt2 {
-    fn mode_0700(&mut self) -> &mut Self;
-}
-impl DirBuilderExt2 for std::fs::DirBuilder {
-    fn mode_0700(&mut self) -> &mut Self {
-        std::os::unix::fs::DirBuilderExt::mode(self, 0o700)
     }
 }
 
@@ -825,15 +817,7 @@ impl ClientEndpoint for FifoClient {
             &mut live,
         )?;
         let m = *msg.meta();
-        if let Some(expected) = self.outstanding.front().copied() {
-            if m.request_id != expected && !(m.kind == Kind::Error && m.request_id == 0) {
-                return Err(Error::Protocol(format!(
-                    "response for request {} arrived while request {expected} was expected on {what}",
-                    m.request_id
-                )));
-            }
-            self.outstanding.pop_front();
-        }
+        take_answer(&mut self.outstanding, &m, &what)?;
         Ok(msg)
     }
 

@@ -328,6 +328,25 @@ pub(crate) fn check_client_kind(meta: &Meta) -> Result<()> {
     Ok(())
 }
 
+/// Match a received frame to the oldest outstanding request id and retire that id. An error
+/// frame with request id 0 (one the server could not attribute) retires it too.
+pub(crate) fn take_answer(
+    outstanding: &mut std::collections::VecDeque<u64>,
+    m: &Meta,
+    what: &str,
+) -> Result<()> {
+    if let Some(expected) = outstanding.front().copied() {
+        if m.request_id != expected && !(m.kind == Kind::Error && m.request_id == 0) {
+            return Err(Error::Protocol(format!(
+                "response for request {} arrived while request {expected} was expected on {what}",
+                m.request_id
+            )));
+        }
+        outstanding.pop_front();
+    }
+    Ok(())
+}
+
 /// Name the slot and path in a capacity error about a client's request.
 pub(crate) fn request_context(e: Error, what: &str) -> Error {
     match e {

@@ -97,8 +97,8 @@ use crate::frame::{self, error_code, Kind, Limits, Meta, TensorRef, TensorSpec};
 use crate::sync::{futex_wait, futex_wake_all, Event, Wake};
 use crate::transport::lock::{pid_alive, LockFile};
 use crate::transport::{
-    check_client_kind, check_slot, rand_u64, request_context, ClientEndpoint, Deadline, DirWatch,
-    Interrupt, Message, ServerEndpoint, INTERRUPT_CHECK,
+    check_client_kind, check_slot, rand_u64, request_context, take_answer, ClientEndpoint,
+    Deadline, DirWatch, Interrupt, Message, ServerEndpoint, INTERRUPT_CHECK,
 };
 
 /// Magic at offset 0 of a shared-memory file (distinct from the frame magic).
@@ -1640,16 +1640,8 @@ impl ShmClient {
         let (_, decoded) = decoded?;
         let msg = Message::shared(lease, decoded);
         let m = *msg.meta();
-        if let Some(expected) = self.outstanding.front().copied() {
-            if m.request_id != expected && !(m.kind == Kind::Error && m.request_id == 0) {
-                return Err(Error::Protocol(format!(
-                    "response for request {} arrived while request {expected} was expected on {}",
-                    m.request_id,
-                    self.what()
-                )));
-            }
-            self.outstanding.pop_front();
-        }
+        let what = self.what();
+        take_answer(&mut self.outstanding, &m, &what)?;
         Ok(msg)
     }
 

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,8 +24,8 @@ use crate::transport::lock::LockFile;
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::{
     check_client_kind, check_slot, hello_ack_values, parse_hello_ack, poll_fds, rand_u64,
-    request_context, ClientEndpoint, Deadline, DirWatch, Interrupt, Message, ServerEndpoint,
-    HANDSHAKE_LIMITS,
+    request_context, take_answer, ClientEndpoint, Deadline, DirWatch, Interrupt, Message,
+    ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
 /// Most requests a server reads ahead on one slot before it stops reading that client.
@@ -125,7 +125,7 @@ impl UdsServer {
         // socket is never reachable with a wider mode.
         let tmpdir = parent.join(format!(".sensai-{}-{:x}", std::process::id(), rand_u64()));
         std::fs::DirBuilder::new()
-            .mode_0700()
+            .mode(0o700)
             .create(&tmpdir)
             .at("cannot create temporary directory", &tmpdir)?;
         let tmp_sock = tmpdir.join("s");
@@ -473,15 +473,6 @@ impl UdsServer {
     }
 }
 
-trait DirBuilderExt2 {
-    fn mode_0700(&mut self) -> &mut Self;
-}
-impl DirBuilderExt2 for std::fs::DirBuilder {
-    fn mode_0700(&mut self) -> &mut Self {
-        std::os::unix::fs::DirBuilderExt::mode(self, 0o700)
-    }
-}
-
 impl ServerEndpoint for UdsServer {
     fn num_slots(&self) -> usize {
         self.num_slots
@@ -779,15 +770,7 @@ impl ClientEndpoint for UdsClient {
             &mut || Ok(()),
         )?;
         let m = *msg.meta();
-        if let Some(expected) = self.outstanding.front().copied() {
-            if m.request_id != expected && !(m.kind == Kind::Error && m.request_id == 0) {
-                return Err(Error::Protocol(format!(
-                    "response for request {} arrived while request {expected} was expected on {what}",
-                    m.request_id
-                )));
-            }
-            self.outstanding.pop_front();
-        }
+        take_answer(&mut self.outstanding, &m, &what)?;
         Ok(msg)
     }
 
