@@ -161,6 +161,15 @@ class TeacherOutput:
                 kw[f.name] = v.to(device)
         return replace(self, **kw)
 
+    def pin_memory(self) -> TeacherOutput:
+        """A copy in page-locked memory (what a DataLoader with ``pin_memory=True`` calls)."""
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                kw[f.name] = v.pin_memory()
+        return replace(self, **kw)
+
     def teacher_logprobs(self) -> torch.Tensor:
         """Exact log-probabilities under the untempered teacher of the tokens this output
         carries: [B, S, N] for sampled, [B, S, k] for topk, [T] for compact, [B, S, V] for
@@ -197,7 +206,9 @@ class TeacherOutput:
         if self.format != "compact":
             raise ValueError("position_of_entries is for the compact format")
         lengths = self.offsets[1:] - self.offsets[:-1]  # type: ignore[index]
-        return torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        return torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=lengths.device), lengths
+        )
 
     def to_sparse_coo(self) -> torch.Tensor:
         """The seed's sparse layout: a COO tensor [B, num_samples, S, V] of sampled logits

@@ -80,6 +80,7 @@ def _store(batch: dict, attr: str, answer: Any) -> None:
 
     if isinstance(answer, TeacherOutput):
         batch[f"{attr}_format"] = answer.format
+        batch[f"{attr}_output"] = answer  # what sensai.losses take (teacher_from_batch)
         if answer.format == "full":
             batch[attr] = answer.logits
         for name in _OUTPUT_FIELDS:
@@ -114,7 +115,9 @@ def wrap_collate_function(
     `sensai.client.Client` every tensor of the `TeacherOutput` is stored under the same
     prefix (``<attr>_indices``, ``<attr>_values``, ``<attr>_logz_sampled``,
     ``<attr>_logz_full``, ``<attr>_mask``, or the format's own tensors such as
-    ``<attr>_tokens``; ``full`` logits go to ``<attr>``), plus ``<attr>_format``.
+    ``<attr>_tokens``; ``full`` logits go to ``<attr>``), plus ``<attr>_format`` and the
+    whole `TeacherOutput` as ``<attr>_output`` (what the `sensai.losses` functions take:
+    ``sampled_kd_loss(student_logits, batch["teacher_logits_output"])``).
     A batch that already has the attribute is left alone. When every try fails, the
     batch comes back without teacher logits (each failure warns with `RuntimeWarning`).
     A `Client` works in DataLoader workers: each worker opens its own slot.
@@ -138,7 +141,7 @@ def wrap_collate_function(
             raise ValueError(
                 f"input_ids must be a numpy array or a torch tensor, got {type(input_ids).__name__}"
             )
-        if attr in out or f"{attr}_indices" in out or f"{attr}_format" in out:
+        if any(k in out for k in (attr, f"{attr}_indices", f"{attr}_format", f"{attr}_output")):
             return out
         mask = out.get("attention_mask")
         if mask is not None and not _is_tensor(mask):
