@@ -70,9 +70,14 @@ pub(crate) fn read_pid(path: &Path) -> Option<u32> {
     s.trim().parse().ok()
 }
 
-/// Whether process `pid` exists.
+/// Whether process `pid` exists. `pid` may come from a shared file: a value that is no
+/// process id (0, or above `i32::MAX`, which `kill(2)` would take for a process group) is
+/// not alive.
 pub(crate) fn pid_alive(pid: u32) -> bool {
-    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
+    let Some(p) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return false;
     };
     match rustix::process::test_kill_process(p) {

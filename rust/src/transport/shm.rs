@@ -290,9 +290,10 @@ impl Region {
 
     /// Start of buffer `buf` (< depth) of a ring (`capacity` bytes, inside the mapping).
     fn buf_ptr(&self, slot: usize, response: bool, buf: u32) -> *mut u8 {
-        self.map
-            .as_mut_ptr()
-            .wrapping_add(self.geo.buf_off(slot, response, buf))
+        let off = self.geo.buf_off(slot, response, buf);
+        debug_assert!(slot < self.geo.num_slots && (buf as usize) < self.geo.depth);
+        debug_assert!(off as u64 + self.geo.capacity <= self.map.len() as u64);
+        self.map.as_mut_ptr().wrapping_add(off)
     }
 
     fn ring_base(response: bool) -> usize {
@@ -1428,9 +1429,10 @@ impl ShmClient {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        // Set up only when there is something to wait for: closing an inotify descriptor
+        // waits for an RCU grace period (milliseconds), too slow for every attach.
+        let mut watch: Option<DirWatch> = None;
         let region = loop {
-            // Watch before looking, so a file that appears in between still wakes us.
-            let watch = DirWatch::new(&[&dir]);
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -1455,6 +1457,11 @@ impl ShmClient {
                 }
                 Err(e) => return Err(Error::io_path("cannot open", &path, e)),
             };
+            if waiting.is_none() && watch.is_none() {
+                // Watch, then look again, so a file that appears in between still wakes us.
+                watch = Some(DirWatch::new(&[&dir]));
+                continue;
+            }
             if deadline.expired() {
                 return Err(deadline.timeout_error(format!(
                     "waiting for the server to finish creating {}",
@@ -1473,7 +1480,11 @@ impl ShmClient {
                     futex_wait(word, 0, deadline.slice());
                 }
                 // No file yet: it appears by an atomic rename, which the watch reports.
-                None => watch.wait(&deadline)?,
+                None => {
+                    if let Some(w) = &watch {
+                        w.wait(&deadline)?;
+                    }
+                }
             }
         };
         let region = Arc::new(region);
@@ -2310,6 +2321,23 @@ mod tests {
         srv.wait_any(T, &mut no_interrupt()).unwrap();
         let m = srv.recv(0).unwrap().unwrap();
         assert_eq!(m.tensor_bytes(0).unwrap(), b"fresh");
+    }
+
+    #[test]
+    fn a_lease_word_that_is_no_pid_is_reclaimed() {
+        // Found by the shm_attach fuzz target: a lease above i32::MAX reached kill(2) as a
+        // process group (and tripped a debug assertion in rustix).
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shm");
+        let mut srv = ShmServer::create(&p, 1, lim(), 2).unwrap();
+        let region = srv.region().unwrap();
+        let lease = region.slot_u32(0, off::LEASE);
+        for bogus in [u32::MAX, 1 << 31] {
+            lease.store(bogus, Ordering::Release);
+            let c = attach(&mut srv, &p, Some(0)).unwrap();
+            assert_eq!(lease.load(Ordering::Acquire), std::process::id());
+            drop(c);
+        }
     }
 
     #[test]
