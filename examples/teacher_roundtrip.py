@@ -19,7 +19,7 @@ import time
 import torch
 
 from sensai import Client
-from sensai.teacher import load_teacher
+from sensai.teacher import load_tokenizer
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
         if not address:
             raise SystemExit("the server did not start (see its messages above)")
         print(f"teacher ready at {address} after {time.perf_counter() - t0:.1f}s")
-        _, tokenizer, _ = load_teacher(None, device="cpu")  # only its tokenizer is used here
+        tokenizer = load_tokenizer()  # the teacher's, without its weights
         ids = tokenizer(args.text, return_tensors="pt").input_ids
         with Client(address) as client:
             info = client.info()

@@ -22,6 +22,7 @@ from sensai.teacher import (
     EMBEDDED_INSTALL_COMMAND,
     ModelNotFoundError,
     load_teacher,
+    load_tokenizer,
     resolve_device,
     resolve_dtype,
     resolve_model,
@@ -139,6 +140,12 @@ def test_device_and_dtype_defaults(tiny_model_dir: str) -> None:
     assert device == resolve_device("auto")
     assert model.dtype == (torch.bfloat16 if cuda else torch.float32)
     assert next(model.parameters()).device.type == device.type
+
+
+def test_the_tokenizer_loads_without_the_weights(tiny_model_dir: str) -> None:
+    tok = load_tokenizer(tiny_model_dir)
+    assert tok.pad_token == tok.eos_token == "</s>"
+    assert len(tok) == TeacherLogitsServer(tiny_model_dir, device="cpu").vocab_size
 
 
 def test_bfloat16_teacher_samples(tiny_model_dir: str) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "model_cache_root",
     "convert_gguf",
     "load_teacher",
+    "load_tokenizer",
 ]
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,34 @@ def convert_gguf(
     return target
 
 
+def load_tokenizer(
+    model_name: str | os.PathLike[str] | None = None,
+    *,
+    cache_root: str | os.PathLike[str] | None = None,
+) -> Any:
+    """The tokenizer of a teacher, offline and without loading its weights (a student trained
+    against that teacher must share it). ``model_name`` as for :func:`load_teacher`; a GGUF
+    model is converted (and cached) first if it has not been yet. Its pad token is its eos
+    token when it had none."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model(model_name)
+    source = resolved.path
+    if resolved.kind == "gguf":
+        source = str(convert_gguf(resolved.path, name=resolved.name, cache_root=cache_root))
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    _ensure_pad_token(tokenizer, resolved.name)
+    return tokenizer
+
+
+def _ensure_pad_token(tokenizer: Any, name: str) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            log.warning("tokenizer of %s has neither a pad nor an eos token", name)
+
+
 def load_teacher(
     model_name: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = "auto",
@@ -353,11 +382,7 @@ def load_teacher(
     if "device_map" not in model_kwargs:
         model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
     model.eval()
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        else:
-            log.warning("tokenizer of %s has neither a pad nor an eos token", resolved.name)
+    _ensure_pad_token(tokenizer, resolved.name)
     log.info(
         "loaded teacher %s (%s) on %s as %s in %.1f s",
         resolved.name,
