@@ -9,6 +9,7 @@ raw client over an endpoint, kept for seed users.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,8 @@ SEED_FLAG = 0x1
 """Request header tag bit: the header's value carries the sampling seed."""
 
 _SAMPLED_FORMATS = ("sampled", "coo", "compact")
+
+log = logging.getLogger("sensai.client")
 
 # Endpoints a forked child inherited from its parent. Closing one (explicitly or through its
 # finaliser) from the child would give the *parent's* slot back (shared memory) or tear down
@@ -86,6 +89,11 @@ class Client:
     forked DataLoader worker), it opens its own connection and slot. The inherited
     connection is left untouched and never closed from the child, since closing it there
     would release the parent's slot.
+
+    A client outlives its server: a request that finds the server gone (exited, or
+    restarted on the same path) opens a new connection first, so a restarted server is
+    used without any change in user code. A request in flight when the server dies raises
+    `PeerGoneError` (or `TransportTimeout` at its timeout).
     """
 
     def __init__(
@@ -119,14 +127,19 @@ class Client:
                 _INHERITED.append(self._endpoint)
             self._endpoint, self._pid = None, None
             self._lock = threading.Lock()
-        if self._endpoint is None:
-            with self._lock:
-                if self._endpoint is None:
-                    self._endpoint = connect(
-                        self.address, self._slot_id, connect_timeout=self.connect_timeout
-                    )
-                    self._pid = pid
-        return self._endpoint
+        with self._lock:
+            ep = self._endpoint
+            if ep is not None and not ep.server_alive():
+                # The server we talked to is gone (it exited, or restarted on the same
+                # path): connect again as on first use, and ask the new one for its info.
+                log.info("the server at %s is gone; reconnecting", self.address)
+                ep.close()
+                ep = self._endpoint = None
+                self._info = None
+            if ep is None:
+                ep = connect(self.address, self._slot_id, connect_timeout=self.connect_timeout)
+                self._endpoint, self._pid = ep, pid
+        return ep
 
     @property
     def connected(self) -> bool:

@@ -937,6 +937,15 @@ impl PyClient {
         .map(PyMessage::new)
     }
 
+    /// Whether the server is still there, as far as can be told without blocking (False
+    /// once closed). A client whose server is gone must be replaced by a new connection.
+    fn server_alive(&mut self, py: Python<'_>) -> bool {
+        match self.inner.as_mut() {
+            Some(c) => py.detach(|| c.server_alive()),
+            None => false,
+        }
+    }
+
     /// Release the slot and the connection. Idempotent.
     fn close(&mut self) {
         if let Some(mut c) = self.inner.take() {

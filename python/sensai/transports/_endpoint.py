@@ -241,6 +241,11 @@ class ClientEndpointBase(ClientMixin, Transport):
         """Whether a response can be read without waiting."""
         return self._core.is_ready()
 
+    def server_alive(self) -> bool:
+        """Whether the server is still there, as far as can be told without blocking
+        (False once closed). An endpoint whose server is gone stays unusable: connect again."""
+        return self._core.server_alive()
+
     def read_tensor(self, timeout: float | None = None) -> Any:
         """The response to the oldest outstanding request, waiting up to ``timeout`` seconds."""
         if self._outstanding == 0:

@@ -821,6 +821,22 @@ impl ClientEndpoint for FifoClient {
         Ok(msg)
     }
 
+    fn server_alive(&mut self) -> bool {
+        let (Some(resp), Some(_)) = (self.resp.as_ref(), self.req.as_ref()) else {
+            return false;
+        };
+        if !pid_alive(self.server_pid) {
+            return false;
+        }
+        // The server closed its end of our response FIFO: it exited, or it replaced the
+        // slot's FIFOs after a protocol error; either way this session is over.
+        let mut fds = [PollFd::new(resp, PollFlags::IN)];
+        if poll_fds(&mut fds, Duration::ZERO).is_err() {
+            return false;
+        }
+        !fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR)
+    }
+
     fn close(&mut self) {
         // Close the request end first so the server sees end-of-file, then release the lease.
         self.req = None;

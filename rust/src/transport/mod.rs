@@ -223,6 +223,11 @@ pub trait ClientEndpoint: Send + Sync {
             }
         }
     }
+    /// Whether the server this client is connected to is still there, as far as can be
+    /// told without blocking (a closed connection, a hang-up, an exited server process).
+    /// `false` once closed. A client whose server is gone cannot be used again; a caller
+    /// reconnects (the path may already be served by a new server).
+    fn server_alive(&mut self) -> bool;
     /// Release the slot and the connection. Idempotent.
     fn close(&mut self);
 }

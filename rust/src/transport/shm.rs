@@ -1880,6 +1880,13 @@ impl ClientEndpoint for ShmClient {
         }
     }
 
+    fn server_alive(&mut self) -> bool {
+        match self.region.as_deref() {
+            Some(region) => server_alive(region, self.server_pid, &self.path).is_ok(),
+            None => false,
+        }
+    }
+
     fn close(&mut self) {
         self.outstanding.clear();
         if let Some(region) = self.region.take() {
