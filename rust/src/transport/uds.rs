@@ -105,40 +105,8 @@ impl UdsServer {
                 lock_p.display()
             ))
         })?;
-        lock.write_pid()?;
-        // A stale socket of a dead server is replaced; anything else is not ours to remove.
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_socket() => {
-                std::fs::remove_file(&path).at("cannot remove stale socket", &path)?;
-            }
-            Ok(_) => {
-                let _ = std::fs::remove_file(&lock_p);
-                return Err(Error::Io {
-                    context: format!("cannot serve on {}: the path exists and is not a socket; refusing to replace it", path.display()),
-                    source: std::io::Error::from(ErrorKind::AlreadyExists),
-                });
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io_path("cannot inspect", &path, e)),
-        }
-        // Bind inside a private directory, restrict the mode, then rename into place, so the
-        // socket is never reachable with a wider mode.
-        let tmpdir = parent.join(format!(".sensai-{}-{:x}", std::process::id(), rand_u64()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&tmpdir)
-            .at("cannot create temporary directory", &tmpdir)?;
-        let tmp_sock = tmpdir.join("s");
-        let result = (|| {
-            let listener = UnixListener::bind(&tmp_sock).at("cannot bind socket", &tmp_sock)?;
-            std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))
-                .at("cannot set mode of", &tmp_sock)?;
-            std::fs::rename(&tmp_sock, &path).at("cannot move socket to", &path)?;
-            Ok(listener)
-        })();
-        let _ = std::fs::remove_file(&tmp_sock);
-        let _ = std::fs::remove_dir(&tmpdir);
-        let listener = match result {
+        // From here on, a failure removes the lock file: nothing is left half-created.
+        let listener = match Self::listen(&path, &parent, &mut lock) {
             Ok(l) => l,
             Err(e) => {
                 let _ = std::fs::remove_file(&lock_p);
@@ -159,6 +127,44 @@ impl UdsServer {
             uid: rustix::process::geteuid().as_raw(),
             refused_peers: 0,
         })
+    }
+
+    /// Record our pid in the lock, replace a stale socket, and bind the listening socket
+    /// at `path` (mode 0600).
+    fn listen(path: &Path, parent: &Path, lock: &mut LockFile) -> Result<UnixListener> {
+        lock.write_pid()?;
+        // A stale socket of a dead server is replaced; anything else is not ours to remove.
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                std::fs::remove_file(path).at("cannot remove stale socket", path)?;
+            }
+            Ok(_) => {
+                return Err(Error::Io {
+                    context: format!("cannot serve on {}: the path exists and is not a socket; refusing to replace it", path.display()),
+                    source: std::io::Error::from(ErrorKind::AlreadyExists),
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io_path("cannot inspect", path, e)),
+        }
+        // Bind inside a private directory, restrict the mode, then rename into place, so the
+        // socket is never reachable with a wider mode.
+        let tmpdir = parent.join(format!(".sensai-{}-{:x}", std::process::id(), rand_u64()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmpdir)
+            .at("cannot create temporary directory", &tmpdir)?;
+        let tmp_sock = tmpdir.join("s");
+        let result = (|| {
+            let listener = UnixListener::bind(&tmp_sock).at("cannot bind socket", &tmp_sock)?;
+            std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))
+                .at("cannot set mode of", &tmp_sock)?;
+            std::fs::rename(&tmp_sock, path).at("cannot move socket to", path)?;
+            Ok(listener)
+        })();
+        let _ = std::fs::remove_file(&tmp_sock);
+        let _ = std::fs::remove_dir(&tmpdir);
+        result
     }
 
     /// Connections refused because the peer ran as another user.
@@ -772,6 +778,30 @@ impl ClientEndpoint for UdsClient {
         let m = *msg.meta();
         take_answer(&mut self.outstanding, &m, &what)?;
         Ok(msg)
+    }
+
+    fn server_alive(&mut self) -> bool {
+        let Some(stream) = self.stream.as_ref() else {
+            return false;
+        };
+        let mut fds = [PollFd::new(stream, PollFlags::IN | PollFlags::RDHUP)];
+        if poll_fds(&mut fds, Duration::ZERO).is_err() {
+            return false;
+        }
+        let ev = fds[0].revents();
+        if ev.intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR) {
+            return false;
+        }
+        if !ev.contains(PollFlags::IN) {
+            return true;
+        }
+        // Readable: a late answer still to be read, or the end of the stream.
+        let mut probe = [0u8; 1];
+        let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+        !matches!(
+            rustix::net::recv(stream, &mut probe[..], flags),
+            Ok((0, _)) | Err(rustix::io::Errno::CONNRESET | rustix::io::Errno::PIPE)
+        )
     }
 
     fn close(&mut self) {
