@@ -388,3 +388,26 @@ def test_nucleus_boundary_is_hf_rule():
         assert _nucleus_threshold(e, z, 0.75, k0).flatten().tolist() == [0.5, 0.5]
         assert _nucleus_threshold(e, z, 0.8, k0).flatten().tolist() == [0.25, 0.25]
         assert _nucleus_threshold(e, z, 0.5, k0).flatten().tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [{}, {"temperature": 0.7}, {"top_p": 0.9}, {"top_k": 5, "temperature": 1.3}],
+    ids=["plain", "tempered", "top_p", "top_k"],
+)
+def test_a_reused_scratch_buffer_changes_nothing(case: dict) -> None:
+    logits = _logits(10, 50, seed=3)
+    scratch = torch.full((700,), float("nan"))  # garbage left by a previous call
+    fresh = sample_positions(logits, 8, generator=_gen(1), **case)
+    for _ in range(2):
+        reused = sample_positions(logits, 8, generator=_gen(1), scratch=scratch, **case)
+        for name in ("indices", "values", "logz_sampled", "logz_full"):
+            assert torch.equal(getattr(fresh, name), getattr(reused, name)), name
+
+
+def test_a_bad_scratch_buffer_is_refused() -> None:
+    logits = _logits(10, 50, seed=3)
+    with pytest.raises(ValueError, match="scratch holds 499 elements; logits"):
+        sample_positions(logits, 8, scratch=torch.empty(499))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        sample_positions(logits, 8, scratch=torch.empty(500, dtype=torch.float64))

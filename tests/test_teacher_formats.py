@@ -100,3 +100,17 @@ def test_compute_refuses_bad_formats(tiny_model_dir: str) -> None:
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         full.compute(*_batch(full), output_format="compact")
     assert full.compute(*_batch(full), output_format="full").logits.shape == (3, 11, 320)
+
+
+@pytest.mark.parametrize("fmt", ["sampled", "compact"])
+def test_the_kept_scratch_buffer_changes_no_answer(tiny_teacher, fmt: str) -> None:
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with tiny_teacher._scratch_lock:  # held elsewhere: this call samples without it
+        fresh = tiny_teacher.compute(ids, output_format=fmt, seed=4, chunk_size=5)
+    assert tiny_teacher._scratch is None
+    for _ in range(2):  # the first call allocates it, the second reuses it across chunks
+        kept = tiny_teacher.compute(ids, output_format=fmt, seed=4, chunk_size=5)
+        for a, b in zip(fresh.to_arrays(), kept.to_arrays(), strict=True):
+            assert torch.equal(a, b)
+    assert tiny_teacher._scratch is not None
+    assert tiny_teacher._scratch.numel() == 5 * tiny_teacher.vocab_size

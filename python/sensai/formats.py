@@ -249,7 +249,8 @@ class OutputBuilder:
     output is exactly that).
 
     Positions are flat: p = b * S + s. Call :meth:`add` with consecutive chunks covering
-    0..B*S, then :meth:`finish`.
+    0..B*S, then :meth:`finish`. ``scratch`` (a float32 tensor of at least chunk x V elements)
+    is the sampler's working buffer, instead of a fresh one per chunk.
     """
 
     def __init__(
@@ -267,6 +268,7 @@ class OutputBuilder:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         logits_dtype: torch.dtype = torch.float32,
+        scratch: torch.Tensor | None = None,
     ) -> None:
         if fmt not in FORMAT_TAGS:
             raise ValueError(f"unknown output format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -277,6 +279,7 @@ class OutputBuilder:
         self.n = num_samples
         self.temperature, self.top_k, self.top_p, self.k = temperature, top_k, top_p, topk
         self.generator = generator
+        self.scratch = scratch  # the sampler's working buffer, reused across chunks
         p = batch_size * num_positions
         dev = torch.device(device)
         self._next = 0
@@ -311,7 +314,13 @@ class OutputBuilder:
             self.logz_sampled[lo:hi] = lz
             return
         r = sampling.sample_positions(
-            logits, self.n, self.temperature, self.top_p, self.top_k, generator=self.generator
+            logits,
+            self.n,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            generator=self.generator,
+            scratch=self.scratch,
         )
         self.logz_sampled[lo:hi], self.logz_full[lo:hi] = r.logz_sampled, r.logz_full
         if self.fmt in ("sampled", "coo"):
@@ -384,7 +393,7 @@ def build_output(
     """A `TeacherOutput` of format ``fmt`` from an iterable of ``(start, logits [c, V])``
     chunks covering the flat positions in order (what
     ``TeacherLogitsServer.iter_logit_chunks`` yields). ``options`` go to `OutputBuilder`
-    (num_samples, temperature, top_k, top_p, topk, generator, device, logits_dtype)."""
+    (num_samples, temperature, top_k, top_p, topk, generator, device, logits_dtype, scratch)."""
     builder = OutputBuilder(fmt, batch_size, num_positions, vocab_size, **options)
     for _start, logits in chunks:
         builder.add(logits)

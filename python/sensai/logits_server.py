@@ -15,10 +15,12 @@ left padding gives the same answers as no padding) and padded positions get all-
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -214,6 +216,8 @@ class TeacherLogitsServer:
         self.top_p = float(top_p)
         self.top_k = int(top_k)
         self.chunk_size = chunk_size
+        self._scratch: torch.Tensor | None = None  # see _sampling_scratch
+        self._scratch_lock = threading.Lock()
         config = model.config
         head = model.get_output_embeddings()
         if head is None or not isinstance(head, torch.nn.Module):
@@ -376,6 +380,29 @@ class TeacherLogitsServer:
                 logits.masked_fill_(~flat_mask[start : start + size, None], 0.0)
             yield start, logits
 
+    @contextlib.contextmanager
+    def _sampling_scratch(self, positions: int, chunk_size: int | None) -> Iterator[Any]:
+        """The sampler's [chunk, V] float32 working buffer, kept between calls on a CPU (where
+        fresh pages for it cost about as much as the exp pass it serves; CUDA's caching
+        allocator already reuses memory). None on other devices, and while another thread
+        samples with this teacher."""
+        if (
+            positions <= 0
+            or self.device.type != "cpu"
+            or not self._scratch_lock.acquire(blocking=False)
+        ):
+            yield None
+            return
+        try:
+            size = _check_chunk_size(self.chunk_size if chunk_size is None else chunk_size)
+            need = min(positions, size) * self.vocab_size
+            if self._scratch is None or self._scratch.numel() < need:
+                self._scratch = None  # free the smaller one before allocating
+                self._scratch = torch.empty(need, dtype=torch.float32, device=self.device)
+            yield self._scratch
+        finally:
+            self._scratch_lock.release()
+
     # -------------------------------------------------------------------------- public API
 
     @torch.inference_mode()
@@ -425,12 +452,15 @@ class TeacherLogitsServer:
         values = torch.empty(b * p, n, dtype=torch.float32, device=dev)
         logz_sampled = torch.empty(b * p, dtype=torch.float32, device=dev)
         logz_full = torch.empty(b * p, dtype=torch.float32, device=dev)
-        for start, logits in self.iter_logit_chunks(ids, mask, chunk_size):
-            stop = start + logits.shape[0]
-            r = sampling.sample_positions(logits, n, temperature, top_p, top_k, generator)
-            indices[start:stop], values[start:stop] = r.indices, r.values
-            logz_sampled[start:stop], logz_full[start:stop] = r.logz_sampled, r.logz_full
-            del logits, r
+        with self._sampling_scratch(b * p, chunk_size) as scratch:
+            for start, logits in self.iter_logit_chunks(ids, mask, chunk_size):
+                stop = start + logits.shape[0]
+                r = sampling.sample_positions(
+                    logits, n, temperature, top_p, top_k, generator, scratch=scratch
+                )
+                indices[start:stop], values[start:stop] = r.indices, r.values
+                logz_sampled[start:stop], logz_full[start:stop] = r.logz_sampled, r.logz_full
+                del logits, r
         return TeacherSamples(
             indices=indices.reshape(b, p, n),
             values=values.reshape(b, p, n),
@@ -460,21 +490,23 @@ class TeacherLogitsServer:
             )
         ids, mask = self.prepare_inputs(input_ids, attention_mask)
         b, p = ids.shape[0], self.num_positions(ids.shape[1])
-        return build_output(
-            fmt,
-            self.iter_logit_chunks(ids, mask, chunk_size),
-            b,
-            p,
-            self.vocab_size,
-            self.position_mask(ids, mask),
-            num_samples=int(self.num_samples) if sampled else 1,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            topk=min(self.topk, self.vocab_size),
-            generator=_make_generator(seed, self.device),
-            device=self.device,
-        )
+        with self._sampling_scratch(b * p if sampled else 0, chunk_size) as scratch:  # 0: None
+            return build_output(
+                fmt,
+                self.iter_logit_chunks(ids, mask, chunk_size),
+                b,
+                p,
+                self.vocab_size,
+                self.position_mask(ids, mask),
+                num_samples=int(self.num_samples) if sampled else 1,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                topk=min(self.topk, self.vocab_size),
+                generator=_make_generator(seed, self.device),
+                device=self.device,
+                scratch=scratch,
+            )
 
     def sample_from_logits(
         self,

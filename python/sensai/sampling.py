@@ -27,8 +27,9 @@ log-partition (``torch.multinomial`` normalises the weights itself); ``logz_full
 exp pass only at ``temperature != 1`` or with top-p. Top-p takes the nucleus from ``torch.topk``
 windows that grow 8x only for rows that need it (no full sort unless the nucleus is huge).
 With top-k, only a ``torch.topk`` window of the k candidates is sampled from, plus one exp pass
-for ``logz_full``. One [P, V] float32 scratch buffer is allocated per call; the input logits
-are never modified.
+for ``logz_full``. One [P, V] float32 scratch buffer is used per call, allocated unless the
+caller passes one to reuse (``scratch=``: on a CPU, fresh pages for it cost about as much as
+an exp pass); the input logits are never modified.
 """
 
 from __future__ import annotations
@@ -174,6 +175,24 @@ def _row_max(logits2d: torch.Tensor) -> torch.Tensor:
     return m0
 
 
+def _work_buffer(logits2d: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """A [P, V] float32 buffer on the logits' device: a view of ``scratch`` when given."""
+    shape, dev = logits2d.shape, logits2d.device
+    if scratch is None:
+        return torch.empty(shape, dtype=torch.float32, device=dev)
+    need = shape[0] * shape[1]
+    if scratch.dtype != torch.float32 or scratch.device != dev or not scratch.is_contiguous():
+        raise ValueError(
+            f"scratch must be a contiguous float32 tensor on {dev}, got {scratch.dtype} "
+            f"on {scratch.device}"
+        )
+    if scratch.numel() < need:
+        raise ValueError(
+            f"scratch holds {scratch.numel()} elements; logits {tuple(shape)} need {need}"
+        )
+    return scratch.reshape(-1)[:need].view(shape)
+
+
 def _untempered_logz(logits2d: torch.Tensor, m0: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     """``logsumexp`` of the logits [P], with ``buf`` as scratch (no allocation)."""
     torch.sub(logits2d, m0, out=buf).exp_()
@@ -186,7 +205,11 @@ def _check_tempered(m: torch.Tensor, temperature: float) -> None:
 
 
 def _full_weights(
-    logits2d: torch.Tensor, temperature: float, top_p: float, want_mask: bool
+    logits2d: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    want_mask: bool,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Weights over the whole vocabulary (no top-k): temperature, then top-p if asked.
 
@@ -194,11 +217,11 @@ def _full_weights(
     tokens zeroed, where ``x = logits / T`` and ``m`` [P, 1] its row max; ``logz_full`` [P] when it
     comes for free or is needed anyway (None at T == 1 without top-p: it is then
     ``logz_sampled``); ``removed`` the top-p mask (only when ``want_mask``). One [P, V] float32
-    buffer is allocated (fresh pages cost about as much as an exp pass on CPU); at T != 1 it
-    first holds the untempered weights, for ``logz_full``.
+    buffer is used (``scratch``, or a fresh one: fresh pages cost about as much as an exp pass
+    on CPU); at T != 1 it first holds the untempered weights, for ``logz_full``.
     """
     m0 = _row_max(logits2d)
-    buf = torch.empty(logits2d.shape, dtype=torch.float32, device=logits2d.device)
+    buf = _work_buffer(logits2d, scratch)
     logz_full = None
     if temperature != 1.0:
         logz_full = _untempered_logz(logits2d, m0, buf)
@@ -220,7 +243,11 @@ def _full_weights(
 
 
 def _topk_window(
-    logits2d: torch.Tensor, temperature: float, top_p: float, top_k: int
+    logits2d: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k (``0 < top_k < V``), then top-p, on a window of the highest tempered logits.
 
@@ -233,7 +260,7 @@ def _topk_window(
     """
     vocab = logits2d.shape[-1]
     m0 = _row_max(logits2d)
-    buf = torch.empty(logits2d.shape, dtype=torch.float32, device=logits2d.device)
+    buf = _work_buffer(logits2d, scratch)
     logz_full = _untempered_logz(logits2d, m0, buf)
     if temperature != 1.0:
         x = buf.copy_(logits2d).div_(float(temperature))  # the same ops as _tempered
@@ -299,13 +326,17 @@ def sample_positions(
     top_p: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    *,
+    scratch: torch.Tensor | None = None,
 ) -> SampleResult:
     """Draw ``num_samples`` tokens with replacement at each of ``P`` positions of ``[P, V]`` logits.
 
     Sampling is from ``softmax(mask_logits(logits, temperature, top_p, top_k))``, exactly. One
     exp pass gives the sampling weights and ``logz_sampled``; ``logz_full`` reuses it at
     temperature 1 and costs a second exp pass otherwise. ``generator`` (on the logits' device)
-    makes the draw reproducible. The logits are never modified.
+    makes the draw reproducible. ``scratch``, a contiguous float32 tensor of at least P * V
+    elements on the logits' device, is the working buffer (overwritten) instead of a fresh
+    one: reuse one across calls. The logits are never modified.
     """
     _check_logits(logits)
     _check_params(temperature, top_p, top_k)
@@ -324,13 +355,13 @@ def sample_positions(
             logz_full=empty.clone(),
         )
     if 0 < top_k < logits.shape[-1]:
-        idx, w, _, m, logz_full = _topk_window(logits, temperature, top_p, top_k)
+        idx, w, _, m, logz_full = _topk_window(logits, temperature, top_p, top_k, scratch)
         logz_sampled = (m + torch.log(w.sum(dim=-1, keepdim=True))).squeeze(-1)
         # multinomial normalises the weights itself; w's max is 1, so each row sum is >= 1.
         pos = torch.multinomial(w, num_samples, replacement=True, generator=generator)
         indices = idx.gather(-1, pos)
     else:
-        e, m, logz_full, _ = _full_weights(logits, temperature, top_p, want_mask=False)
+        e, m, logz_full, _ = _full_weights(logits, temperature, top_p, False, scratch)
         logz_sampled = (m + torch.log(e.sum(dim=-1, keepdim=True))).squeeze(-1)
         if logz_full is None:  # T == 1 and no mask: the same distribution
             logz_full = logz_sampled.clone()
