@@ -430,14 +430,19 @@ def _fake_server_of_version(path: str, version: int) -> threading.Thread:
     listener.settimeout(IO_TIMEOUT)
 
     def serve() -> None:
-        conn, _ = listener.accept()
-        hello = conn.recv(64)
-        ack = encode(4, [np.array([2, 8, 8, 1 << 20, os.getpid()], np.uint64)],
-                     request_id=struct.unpack_from("<Q", hello, 8)[0], tag=2)  # fmt: skip
-        conn.sendall(put(ack, "<H", 4, version))
-        conn.recv(1)
-        conn.close()
-        listener.close()
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                hello = conn.recv(64)
+                rid = struct.unpack_from("<Q", hello, 8)[0]
+                limits = np.array([2, 8, 8, 1 << 20, os.getpid()], np.uint64)
+                ack = encode(4, [limits], request_id=rid, tag=2)
+                conn.sendall(put(ack, "<H", 4, version))
+                conn.recv(1)  # until the client hangs up
+        except OSError:
+            pass
+        finally:
+            listener.close()
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
