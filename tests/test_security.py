@@ -1,0 +1,362 @@
+"""Security: what another local user, a planted file or a hostile peer can make the server do.
+
+* Files and sockets 0600, directories 0700, whatever the umask.
+* A symlink or file planted at the server's paths never redirects it: it refuses, or (a
+  stale shared-memory file) replaces the name without writing through it.
+* The Unix-socket server refuses peers of another uid (SO_PEERCRED), even with modes widened.
+* A client only ever sees its own slot's messages, also while many processes lease slots.
+* Wire data is never unpickled, and a hostile header cannot make the server allocate more
+  than its limit.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import stat
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fault_helpers as fh
+from sensai.errors import RoleError, SensAIError
+from test_bad_input_matrix import RawSession, encode, error_of, good_request, put, split
+from transport_helpers import (
+    KINDS,
+    MP,
+    ServerThread,
+    answer_with,
+    answer_with_slot,
+    double,
+    make_client,
+    make_server,
+    other_user_connect,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+NOBODY = 65534
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def path(short_tmp: str) -> str:
+    return os.path.join(short_tmp, "ep")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    items: list[Any] = []
+    yield items
+    for p in items:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+
+
+def _tree(root: str) -> dict[str, int]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            out[os.path.relpath(p, root)] = os.lstat(p).st_mode
+    return out
+
+
+# --- modes ---------------------------------------------------------------------------------------
+
+
+def test_modes_do_not_depend_on_the_umask(kind: str, path: str, short_tmp: str) -> None:
+    old = os.umask(0)  # the widest umask: every mode below is the server's own choice
+    try:
+        server = make_server(kind, path, 2, max_nbytes=1 << 20)
+    finally:
+        os.umask(old)
+    try:
+        tree = _tree(short_tmp)
+        assert "ep" in tree
+        for name, mode in tree.items():
+            want = 0o700 if stat.S_ISDIR(mode) else 0o600
+            assert stat.S_IMODE(mode) == want, f"{name}: {oct(mode)}"
+        kinds = {stat.S_IFMT(m) for m in tree.values()}
+        expect = {
+            "unix_socket": {stat.S_IFSOCK, stat.S_IFREG},
+            "named_pipe": {stat.S_IFDIR, stat.S_IFIFO, stat.S_IFREG},
+            "shared_memory": {stat.S_IFREG},
+        }[kind]
+        assert kinds == expect
+    finally:
+        server.close()
+    assert os.listdir(short_tmp) == []
+
+
+# --- planted files and symlinks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["path", "lock"])
+def test_planted_symlink_does_not_redirect_the_server(
+    kind: str, path: str, short_tmp: str, where: str
+) -> None:
+    """A symlink at the server's path (or at its lock file) to a file of the victim's: the
+    server refuses to start, and the file is untouched."""
+    target = os.path.join(short_tmp, "victim.txt")
+    with open(target, "w") as f:
+        f.write("precious")
+    if where == "path":
+        planted = path
+    elif kind == "named_pipe":
+        os.mkdir(path, 0o700)  # our own pipe directory, with a symlink planted inside
+        planted = os.path.join(path, "server.lock")
+    else:
+        planted = path + ".lock"
+    os.symlink(target, planted)
+    with pytest.raises((SensAIError, OSError)) as ei:
+        make_server(kind, path, 1)
+    text = str(ei.value)
+    assert any(
+        s in text for s in ("not a socket", "not a regular file", "not a directory", "symbolic")
+    ), text
+    assert os.path.islink(planted) and os.readlink(planted) == target
+    with open(target) as f:
+        assert f.read() == "precious"
+    assert stat.S_IMODE(os.stat(target).st_mode) != 0o600 or os.stat(target).st_size == 8
+
+
+def test_planted_file_is_never_written_through(kind: str, path: str, short_tmp: str) -> None:
+    """A regular file at the path: refused by the socket and pipe servers; the shared-memory
+    server takes it for a dead server's stale file and replaces the name (a new file, made
+    with O_EXCL and renamed into place), never writing into the planted one."""
+    with open(path, "w") as f:
+        f.write("planted")
+    keep = os.path.join(short_tmp, "planted-link")
+    os.link(path, keep)  # see the planted inode whatever happens to the name
+    if kind == "shared_memory":
+        server = make_server(kind, path, 1, max_nbytes=1 << 20)
+        try:
+            assert os.stat(path).st_ino != os.stat(keep).st_ino
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        finally:
+            server.close()
+    else:
+        with pytest.raises((SensAIError, OSError)) as ei:
+            make_server(kind, path, 1)
+        assert "not a" in str(ei.value), str(ei.value)
+        assert os.stat(path).st_ino == os.stat(keep).st_ino
+    with open(keep) as f:
+        assert f.read() == "planted"
+
+
+def test_fifo_planted_in_the_pipe_directory_is_replaced(path: str, short_tmp: str) -> None:
+    """Files planted in the server's own (pre-existing) pipe directory are removed, not
+    used: a symlink at a slot's FIFO name pointing elsewhere is replaced by a real FIFO."""
+    target = os.path.join(short_tmp, "victim.txt")
+    with open(target, "w") as f:
+        f.write("precious")
+    os.mkdir(path, 0o755)
+    os.symlink(target, os.path.join(path, "slot0.req"))
+    server = make_server("named_pipe", path, 1)
+    try:
+        st = os.lstat(os.path.join(path, "slot0.req"))
+        assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700  # the mode was narrowed
+        with ServerThread(server, answer_with(double)):
+            with make_client("named_pipe", path) as c:
+                np.testing.assert_array_equal(c.request(np.arange(3), timeout=5), 2 * np.arange(3))
+    finally:
+        server.close()
+    with open(target) as f:
+        assert f.read() == "precious"
+
+
+# --- other users ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+def test_unix_socket_refuses_another_uid_even_with_open_modes(
+    path: str, short_tmp: str, procs: list[Any]
+) -> None:
+    server = make_server("unix_socket", path, 2)
+    with ServerThread(server, answer_with(double)):
+        os.chmod(short_tmp, 0o755)
+        os.chmod(path, 0o666)  # only SO_PEERCRED stands in the way now
+        mine, theirs = MP.Pipe()
+        p = MP.Process(
+            target=other_user_connect, args=("unix_socket", path, NOBODY, theirs), daemon=True
+        )
+        p.start()
+        procs.append(p)
+        theirs.close()
+        assert mine.poll(20)
+        res = mine.recv()
+        assert res[0] == "refused", res
+        assert "serves only uid 0" in res[1], res
+        with make_client("unix_socket", path) as c:  # the server is unharmed
+            np.testing.assert_array_equal(c.request(np.arange(3), timeout=5), 2 * np.arange(3))
+    server.close()
+
+
+# --- slots ---------------------------------------------------------------------------------------
+
+
+def _lease_and_check(kind: str, path: str, seed: int, rounds: int, conn: Any) -> None:
+    """Lease any slot, send requests only this process can produce, check that each answer
+    is our own data and names our slot; close and lease again, ``rounds`` times."""
+    try:
+        seen = []
+        for r in range(rounds):
+            with make_client(kind, path, None, connect_timeout=20) as c:
+                seen.append(c.slot_id)
+                for i in range(5):
+                    x = np.full(257, seed * 1_000_000 + r * 100 + i, dtype=np.int64)
+                    out, slot = c.request(x, timeout=20)
+                    assert np.array_equal(out, x), f"got another client's data: {out[:3]}"
+                    assert int(slot) == c.slot_id, f"answered for slot {slot}, we hold {c.slot_id}"
+                other = (c.slot_id + 1) % 8
+                for name, args in (
+                    ("write_tensor_slot", (other, x)),
+                    ("read_tensor_slot", (other,)),
+                ):
+                    try:
+                        getattr(c, name)(*args)
+                        raise AssertionError(f"used slot {other} while holding {c.slot_id}")
+                    except RoleError:
+                        pass
+        conn.send(("ok", seen))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(("fail", f"{type(e).__name__}: {e}"))
+
+
+def test_clients_only_see_their_own_slot_under_concurrent_leasing(
+    kind: str, path: str, procs: list[Any]
+) -> None:
+    """8 processes lease, use and give back the 8 slots 6 times each, all at once."""
+    server = make_server(kind, path, 8, max_nbytes=1 << 20)
+    with ServerThread(server, answer_with_slot):
+        pipes = []
+        for seed in range(8):
+            mine, theirs = MP.Pipe()
+            p = MP.Process(target=_lease_and_check, args=(kind, path, seed, 6, theirs), daemon=True)
+            p.start()
+            procs.append(p)
+            theirs.close()
+            pipes.append(mine)
+        for mine in pipes:
+            assert mine.poll(60), "a client did not finish"
+            res = mine.recv()
+            assert res[0] == "ok", res
+    server.close()
+
+
+@pytest.mark.parametrize("kind", ["unix_socket", "named_pipe"])
+def test_a_frame_naming_another_slot_is_answered_on_its_own(kind: str, path: str) -> None:
+    """A raw client writes another slot's number in its request header: the server answers
+    it on the raw client's own connection, and the slot's real holder sees nothing."""
+    server = make_server(kind, path, 2, max_nbytes=1 << 20)
+    with ServerThread(server, answer_with_slot):
+        with make_client(kind, path, 0) as holder:
+            raw = RawSession(kind, path)
+            assert raw.slot == 1
+            raw.write(put(good_request(1), "<I", 16, 0))  # claims slot 0
+            answer = raw.read_frame()
+            assert answer[6] == 2 and struct.unpack_from("<I", answer, 16)[0] == 1
+            assert not holder.is_ready()
+            out, slot = holder.request(np.arange(4), timeout=5)
+            assert int(slot) == 0 and np.array_equal(out, np.arange(4))
+            raw.close()
+    server.close()
+
+
+# --- hostile data --------------------------------------------------------------------------------
+
+
+class _Planted:
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.mkdir, (os.environ["SENSAI_PICKLE_MARKER"],))
+
+
+def test_wire_data_is_never_unpickled(kind: str, path: str, short_tmp: str) -> None:
+    """A pickle that would create a directory when loaded travels as bytes, both ways."""
+    marker = os.path.join(short_tmp, "unpickled")
+    os.environ["SENSAI_PICKLE_MARKER"] = marker
+    try:
+        blob = np.frombuffer(pickle.dumps(_Planted()), dtype=np.uint8)
+    finally:
+        del os.environ["SENSAI_PICKLE_MARKER"]
+    server = make_server(kind, path, 1, max_nbytes=1 << 20)
+    with ServerThread(server) as st:  # echoes, keeping a copy of what it received
+        with make_client(kind, path) as c:
+            out = c.request([blob, blob.reshape(1, -1)], timeout=5)
+        assert np.array_equal(out[0], blob) and np.array_equal(st.received[0][0], blob)
+    server.close()
+    assert not os.path.exists(marker)
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("kind", ["unix_socket", "named_pipe"])
+def test_hostile_sizes_in_a_header_allocate_nothing(kind: str, path: str, procs: list[Any]) -> None:
+    """Headers claiming 1 TiB, 2^63 bytes or just over the limit are refused with the limit
+    in the error, and the server's peak memory does not grow by more than a few MiB."""
+    limit = 1 << 20
+    ready = MP.Event()
+    server = MP.Process(target=fh.serve_process, args=(kind, path, 2, ready, limit), daemon=True)
+    server.start()
+    procs.append(server)
+    assert ready.wait(30)
+    with make_client(kind, path) as c:  # warm up: the server's normal working set
+        for _ in range(3):
+            np.testing.assert_array_equal(c.request(np.ones(limit // 8), timeout=10), 2.0)
+    before = _vm_hwm_kib(server.pid)
+    max_frame = ((64 + 8 * (24 + 8 * 8) + 63) & ~63) + limit + 64 * 8
+    for claim in (1 << 40, 1 << 63, max_frame + 1, (1 << 64) - 1):
+        for _ in range(5):
+            raw = RawSession(kind, path)
+            raw.write(put(good_request(raw.slot), "<Q", 24, claim))
+            frames = split(raw.finish())
+            code, text = error_of(frames[0])
+            assert code == 2 and "total_len" in text and "over the limit" in text, text
+    grown = _vm_hwm_kib(server.pid) - before
+    assert grown < 16 * 1024, f"peak memory grew by {grown} KiB"
+    with make_client(kind, path) as c:
+        np.testing.assert_array_equal(c.request(np.arange(5.0), timeout=10), 2 * np.arange(5.0))
+    os.kill(server.pid, signal.SIGTERM)
+
+
+def test_unix_socket_hello_from_a_stranger_is_checked(path: str) -> None:
+    """Bytes before the handshake are read with the handshake's small limits: a first frame
+    claiming a large size is refused before any allocation, a non-HELLO is refused."""
+    server = make_server("unix_socket", path, 1, max_nbytes=1 << 20)
+    with ServerThread(server, answer_with(double)):
+        for data, text in (
+            (put(encode(4, [], tag=1), "<Q", 24, 1 << 30), "over the limit"),
+            (encode(4, [], tag=7), "expected a HELLO"),
+        ):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(1 << 16):
+                got += chunk
+            s.close()
+            code, message = error_of(split(got)[0])
+            assert text in message, message
+        with make_client("unix_socket", path) as c:
+            np.testing.assert_array_equal(c.request(np.arange(3), timeout=5), 2 * np.arange(3))
+    server.close()
