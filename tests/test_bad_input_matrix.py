@@ -118,14 +118,23 @@ class RawSession:
             self.sock.settimeout(IO_TIMEOUT)
             self.sock.connect(path)
             self.sock.sendall(encode(4, [], request_id=77, tag=1, value=ANY_SLOT))
+            ack = self.read_frame()
         else:
-            self._open_pipe(path)
-        ack = self.read_frame()
+            deadline = time.monotonic() + IO_TIMEOUT
+            while True:
+                slot = self._open_pipe(path)
+                got = self._pipe_ack(os.path.join(path, f"slot{slot}.resp"), deadline)
+                if got is not None:
+                    ack = got
+                    break
+                # We opened a slot's FIFOs just before the server replaced them (how it ends
+                # a session that sent a bad frame): start over, as the library client does.
+                self.close()
         kind_, tag, rid = ack[6], struct.unpack_from("<I", ack, 32)[0], ack[8]
         assert (kind_, tag, rid) == (4, 2, 77), "no HELLO_ACK"
         self.slot = struct.unpack_from("<I", ack, 16)[0]
 
-    def _open_pipe(self, path: str) -> None:
+    def _open_pipe(self, path: str) -> int:
         for i in range(64):
             fd = os.open(os.path.join(path, f"slot{i}.lock"), os.O_RDWR)
             try:
@@ -135,18 +144,50 @@ class RawSession:
                 os.close(fd)
         self.lock = fd
         deadline = time.monotonic() + IO_TIMEOUT
-        while True:  # ENXIO until the server listens on (possibly re-made) FIFOs
-            resp = os.open(os.path.join(path, f"slot{i}.resp"), os.O_RDONLY | os.O_NONBLOCK)
+        while True:  # ENOENT/ENXIO while the server re-makes the FIFOs and listens again
+            resp = -1
             try:
+                resp = os.open(os.path.join(path, f"slot{i}.resp"), os.O_RDONLY | os.O_NONBLOCK)
                 self.req = os.open(os.path.join(path, f"slot{i}.req"), os.O_WRONLY | os.O_NONBLOCK)
                 break
             except OSError as e:
-                os.close(resp)
-                if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                if resp >= 0:
+                    os.close(resp)
+                if e.errno not in (errno.ENXIO, errno.ENOENT) or time.monotonic() > deadline:
                     raise
-                time.sleep(0.01)
+                time.sleep(0.01)  # raw test client only: the library waits on inotify
         self.resp = resp
         self.write(encode(4, [], request_id=77, slot=i, tag=1, value=i))
+        return i
+
+    def _pipe_ack(self, resp_path: str, deadline: float) -> bytes | None:
+        """The HELLO_ACK, or None if the server hung up or replaced the FIFO. (Until the
+        server opens its end, a read sees end-of-file and poll reports nothing: that is
+        "not yet"; only a hang-up means it left.)"""
+        poller = select.poll()
+        poller.register(self.resp, select.POLLIN)
+        out = b""
+        while time.monotonic() < deadline:
+            events = poller.poll(50)
+            if not events:
+                try:
+                    if os.stat(resp_path).st_ino != os.fstat(self.resp).st_ino:
+                        return None
+                except FileNotFoundError:
+                    return None
+                continue
+            chunk = b""
+            if events[0][1] & select.POLLIN:
+                try:
+                    chunk = os.read(self.resp, 1 << 16)
+                except BlockingIOError:
+                    continue
+            if not chunk:
+                return None  # hung up
+            out += chunk
+            if len(out) >= 64 and len(out) >= struct.unpack_from("<Q", out, 24)[0]:
+                return out
+        raise AssertionError("no HELLO_ACK")
 
     def write(self, data: bytes) -> None:
         if self.kind == "unix_socket":
