@@ -12,7 +12,8 @@ requests one after another and checks every answer against the expected one:
   float arrays within float32 tolerance, integer arrays (sampled indices, counts) identical.
 
 A request that raises is *lost*; an answer that differs is *corrupt*. The server's open file
-descriptors and resident memory are read from /proc once every client has done its first
+descriptors and resident memory (less the pages of the shared-memory transport's file, whose
+size is fixed at start) are read from /proc once every client has done its first
 ``warm`` requests (together the first thousand; half the run when it is shorter) and again
 once all are done, while every client is still connected.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import re
 import shutil
 import signal
 import tempfile
@@ -50,13 +52,26 @@ def proc_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def proc_rss(pid: int) -> int:
-    """Resident memory in bytes."""
-    with open(f"/proc/{pid}/status") as f:
+_MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
+
+
+def proc_rss(pid: int, file: str | None = None) -> tuple[int, int]:
+    """Resident memory in bytes: (all but the pages mapped from ``file``, those of ``file``).
+
+    ``file`` is the shared-memory transport's file: its size is fixed (and reserved) when the
+    server starts, and its pages count as resident only once first touched, so they are
+    counted apart from the memory a leak would grow.
+    """
+    rss = {False: 0, True: 0}
+    of_file = False
+    with open(f"/proc/{pid}/smaps") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
+            if _MAPPING.match(line):
+                parts = line.split(None, 5)
+                of_file = file is not None and len(parts) == 6 and parts[5].strip() == file
+            elif line.startswith("Rss:"):
+                rss[of_file] += int(line.split()[1]) * 1024
+    return rss[False], rss[True]
 
 
 # --- the servers --------------------------------------------------------------------------------
@@ -112,8 +127,11 @@ class ServerProcess:
 
     def __init__(self, kind: str, mode: str, model_dir: str | None = None) -> None:
         self.kind, self.mode = kind, mode
-        self.dir = tempfile.mkdtemp(prefix="sai-soak-", dir="/tmp")
-        path = os.path.join(self.dir, {"unix_socket": "s.sock"}.get(kind, "t"))
+        # Shared memory where it belongs (as a bare name would be); sockets under /tmp.
+        base = "/dev/shm" if kind == "shared_memory" and os.path.isdir("/dev/shm") else "/tmp"
+        self.dir = tempfile.mkdtemp(prefix="sai-soak-", dir=base)
+        self.path = os.path.join(self.dir, {"unix_socket": "s.sock"}.get(kind, "t"))
+        path = self.path
         self._ready = MP.Queue()
         self.proc = MP.Process(target=_serve, args=(kind, mode, path, model_dir, self._ready))
         self.proc.start()
@@ -322,6 +340,7 @@ class SoakResult:
     fds_end: int = 0
     rss_warm: int = 0
     rss_end: int = 0
+    shm_file_rss_end: int = 0
     wall_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -348,7 +367,13 @@ class SoakResult:
             f"{self.requests} requests: lost {self.lost}, corrupt {self.corrupt}, server fds "
             f"{self.fds_warm} -> {self.fds_end} (delta {self.fd_delta}), RSS "
             f"{self.rss_warm / 2**20:.1f} -> {self.rss_end / 2**20:.1f} MiB (growth "
-            f"{self.rss_growth / 2**20:+.1f} MiB), {self.wall_s:.1f} s"
+            f"{self.rss_growth / 2**20:+.1f} MiB"
+            + (
+                f"; plus {self.shm_file_rss_end / 2**20:.1f} MiB of the shared-memory file"
+                if self.kind == "shared_memory"
+                else ""
+            )
+            + f"), {self.wall_s:.1f} s"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -369,6 +394,7 @@ def run_soak(
     """``clients`` processes x ``n`` requests against a started server (see module docs)."""
     assert server.address, "start the server first (wait_ready)"
     pid = server.pid
+    shm_file = server.path if server.kind == "shared_memory" else None
     # The first thousand requests (250 per client) warm up; a short run warms up on half.
     warm = max(1, min(1000 // clients, n // 2))
     res = SoakResult(server.kind, server.mode, clients, clients * n)
@@ -401,14 +427,15 @@ def run_soak(
             if ev[0] == "warm":
                 warmed += 1
                 if warmed == clients:
-                    res.fds_warm, res.rss_warm = proc_fds(pid), proc_rss(pid)
+                    res.fds_warm, (res.rss_warm, _) = proc_fds(pid), proc_rss(pid, shm_file)
             else:
                 done += 1
                 res.lost += ev[2]
                 res.corrupt += ev[3]
                 res.problems += [f"client {ev[1]}: {p}" for p in ev[4]]
         # Every client is done and still connected.
-        res.fds_end, res.rss_end = proc_fds(pid), proc_rss(pid)
+        res.fds_end = proc_fds(pid)
+        res.rss_end, res.shm_file_rss_end = proc_rss(pid, shm_file)
         res.wall_s = time.monotonic() - t0
     finally:
         close_now.set()
