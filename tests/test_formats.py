@@ -127,3 +127,18 @@ def test_to_moves_every_tensor() -> None:
     out, _ = _build("compact")
     moved = out.to("cpu")
     assert moved is not out and torch.equal(moved.tokens, out.tokens)
+
+
+def test_a_pickled_output_leaves_the_received_message_behind() -> None:
+    import pickle
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise TypeError("cannot pickle a live message")
+
+    out, _ = _build("sampled")
+    out.extra.update(message=Unpicklable(), note="kept")
+    back = pickle.loads(pickle.dumps(out))
+    assert back.extra == {"note": "kept"} and "message" in out.extra
+    for a, b in zip(out.to_arrays(), back.to_arrays(), strict=True):
+        assert torch.equal(a, b)

@@ -87,6 +87,14 @@ class TeacherOutput:
     top_p: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A client keeps the received message in extra["message"] while uncopied tensors view
+        # its buffer; a pickled copy (a DataLoader worker's batch) carries the tensors' data
+        # itself, and the message (a live transport buffer) cannot travel.
+        state = self.__dict__.copy()
+        state["extra"] = {k: v for k, v in self.extra.items() if k != "message"}
+        return state
+
     # -- shape ---------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
