@@ -62,7 +62,7 @@ class Server:
 
     def wait_ready(self) -> None:
         try:
-            self.address = _read_line(self.proc, 40)
+            self.address = _read_line(self.proc, 120)  # generous: a loaded CI machine
         except AssertionError:
             self.stop()
             raise AssertionError(self.stderr()) from None
