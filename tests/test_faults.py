@@ -29,6 +29,7 @@ from transport_helpers import (
     BIG_REQUEST,
     KINDS,
     MP,
+    Procs,
     ServerThread,
     big_or_echo,
     big_response_then_stop,
@@ -52,17 +53,8 @@ def path(short_tmp: str) -> str:
     return os.path.join(short_tmp, "ep")
 
 
-class Procs:
-    """Child processes of one test; the teardown resumes, kills and reaps what is left."""
-
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-
-    def start(self, target: Any, *args: Any) -> Any:
-        p = MP.Process(target=target, args=args, daemon=True)
-        p.start()
-        self.items.append(p)
-        return p
+class FaultProcs(Procs):
+    """`Procs` that can also start the fake teacher server of `fault_helpers`."""
 
     def server(self, kind: str, path: str, num_slots: int = 4) -> Any:
         ready = MP.Event()
@@ -70,20 +62,10 @@ class Procs:
         assert ready.wait(30), "the server process did not start"
         return p
 
-    def cleanup(self) -> None:
-        for p in self.items:
-            if p.is_alive():
-                try:
-                    os.kill(p.pid, signal.SIGCONT)
-                    p.kill()
-                except ProcessLookupError:
-                    pass
-            p.join(5)
-
 
 @pytest.fixture
-def procs() -> Iterator[Procs]:
-    g = Procs()
+def procs() -> Iterator[FaultProcs]:
+    g = FaultProcs()
     yield g
     g.cleanup()
 
@@ -139,7 +121,7 @@ class Steady:
 
 
 def test_client_killed_mid_request_many_times(
-    kind: str, path: str, short_tmp: str, procs: Procs
+    kind: str, path: str, short_tmp: str, procs: FaultProcs
 ) -> None:
     """KILLS clients SIGKILLed at random moments (connecting, sending, being answered) while
     another client keeps going: it gets every answer right, the server never fails, and the
@@ -197,7 +179,7 @@ def test_client_killed_mid_request_many_times(
 
 @pytest.mark.parametrize("timeout", [3.0, None], ids=["timeout3s", "no-timeout"])
 def test_server_killed_mid_response(
-    kind: str, path: str, procs: Procs, timeout: float | None
+    kind: str, path: str, procs: FaultProcs, timeout: float | None
 ) -> None:
     """Three clients stream 8 MiB answers; the server is SIGKILLed at a random moment. Each
     client's request in flight ends with PeerGoneError (or TransportTimeout) within its
@@ -251,7 +233,7 @@ def test_server_killed_mid_response(
 
 
 def test_collate_wrapper_warns_and_continues_when_the_server_dies_mid_response(
-    kind: str, path: str, procs: Procs
+    kind: str, path: str, procs: FaultProcs
 ) -> None:
     """The fake teacher answers 4 MiB of logits per batch; it is SIGKILLed while batches are
     being collated. The batch in flight comes back without teacher logits and a warning;
@@ -297,7 +279,9 @@ def test_collate_wrapper_warns_and_continues_when_the_server_dies_mid_response(
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
-def test_server_restarted_on_the_same_path(kind: str, path: str, procs: Procs, how: str) -> None:
+def test_server_restarted_on_the_same_path(
+    kind: str, path: str, procs: FaultProcs, how: str
+) -> None:
     """Existing `Client` objects (the raw seed call and the teacher call) recover on their next
     request after the server restarts on the same path, without any change in user code."""
     sig = getattr(signal, how)
@@ -336,7 +320,7 @@ def test_server_restarted_on_the_same_path(kind: str, path: str, procs: Procs, h
 
 
 def test_stopped_client_with_a_large_answer_does_not_hold_up_the_others(
-    kind: str, path: str, procs: Procs
+    kind: str, path: str, procs: FaultProcs
 ) -> None:
     """A client asks for 32 MiB and stops itself (SIGSTOP) before reading it; two other
     clients keep getting their answers (liveness), and the stopped one gets its whole
@@ -408,7 +392,7 @@ def _try_start_as(uid: int, kind: str, path: str, conn: Any) -> None:
         conn.send((type(e).__name__, str(e)))
 
 
-def test_path_the_user_may_not_write(kind: str, short_tmp: str, procs: Procs) -> None:
+def test_path_the_user_may_not_write(kind: str, short_tmp: str, procs: FaultProcs) -> None:
     """A directory the server's user may only read: root runs the server as nobody (root
     would bypass the mode); anyone else uses a read-only directory of their own."""
     ro = os.path.join(short_tmp, "ro")
@@ -437,7 +421,7 @@ def _start_with_fsize_limit(kind: str, path: str, limit: int, conn: Any) -> None
         conn.send((type(e).__name__, str(e)))
 
 
-def test_disk_full_at_start(kind: str, path: str, short_tmp: str, procs: Procs) -> None:
+def test_disk_full_at_start(kind: str, path: str, short_tmp: str, procs: FaultProcs) -> None:
     """No file may grow (RLIMIT_FSIZE = 0): writing the lock file's pid, or reserving the
     shared-memory file, fails. The error says so and nothing is left behind."""
     # Shared memory: a limit above the lock file's few bytes, so that reserving fails.

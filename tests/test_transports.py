@@ -39,6 +39,7 @@ from transport_helpers import (
     BIG_REQUEST,
     KINDS,
     MP,
+    Procs,
     ServerThread,
     answer_with,
     answer_with_slot,
@@ -75,32 +76,6 @@ def kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def path(short_tmp: str) -> str:
     return os.path.join(short_tmp, "ep")
-
-
-class Procs:
-    """Child processes of one test; the teardown resumes, kills and reaps whatever is left."""
-
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-
-    def start(self, target: Any, *args: Any, ctx: Any = MP) -> Any:
-        p = ctx.Process(target=target, args=args, daemon=True)
-        p.start()
-        self.items.append(p)
-        return p
-
-    def pipe(self) -> tuple[Any, Any]:
-        return MP.Pipe()
-
-    def cleanup(self) -> None:
-        for p in self.items:
-            if p.is_alive():
-                try:
-                    os.kill(p.pid, signal.SIGCONT)
-                    p.kill()
-                except ProcessLookupError:
-                    pass
-            p.join(5)
 
 
 @pytest.fixture

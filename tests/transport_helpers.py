@@ -31,6 +31,32 @@ MP.set_forkserver_preload(["numpy", "sensai", "transport_helpers"])
 BIG_REQUEST = -7_000_001
 
 
+class Procs:
+    """Child processes of one test; the teardown resumes, kills and reaps whatever is left."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def start(self, target: Any, *args: Any, ctx: Any = MP) -> Any:
+        p = ctx.Process(target=target, args=args, daemon=True)
+        p.start()
+        self.items.append(p)
+        return p
+
+    def pipe(self) -> tuple[Any, Any]:
+        return MP.Pipe()
+
+    def cleanup(self) -> None:
+        for p in self.items:
+            if p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                    p.kill()
+                except ProcessLookupError:
+                    pass
+            p.join(5)
+
+
 def make_server(kind: str, path: str, num_slots: int = 1, **kwargs: Any):
     server, got = create_transport(kind, path, num_slots=num_slots, **kwargs)
     assert got == path
