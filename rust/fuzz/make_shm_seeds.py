@@ -15,8 +15,15 @@ def align(x: int, a: int = 64) -> int:
     return (x + a - 1) // a * a
 
 
-def header(slots: int, depth: int, tensors: int, dims: int, payload: int, ready: int = READY,
-           version: int = 2) -> bytes:
+def header(
+    slots: int,
+    depth: int,
+    tensors: int,
+    dims: int,
+    payload: int,
+    ready: int = READY,
+    version: int = 2,
+) -> bytes:
     capacity = align(align(64 + tensors * (24 + 8 * dims)) + payload + tensors * 64)
     stride = (2 * depth * capacity + 2048 + 4095) // 4096 * 4096
     file_len = 4096 + stride * slots
@@ -35,16 +42,14 @@ def main() -> None:
         "file_closed": bytes([fix]) + header(1, 2, 4, 4, 256, ready=CLOSED),
         "file_bad_version": bytes([fix]) + header(1, 2, 4, 4, 256, version=3),
         "file_not_ready": bytes([0x06]) + header(1, 2, 4, 4, 256, ready=0),
-        # server mode: attach (acknowledged ahead), request, serve, answer, receive, close
-        "server_round_trip": bytes([0x01, 0x00,
-                                    2, 0x80, 3, 0, 10, 0, 8, 3, 0, 5, 0, 6, 0, 4, 12, 0,
-                                    15, 0]),
+        # server mode (hex: mode, geometry, then op/arg pairs; see fuzz_targets/shm_attach.rs):
+        # attach (acknowledged ahead), sync, request, serve, answer, receive, close
+        "server_round_trip": bytes.fromhex("0100 0280 0300 0a00 08 0300 0500 0600 04 0c00 0f00"),
         # two clients, a reservation, an error answer, held messages, a patched queue entry
-        "server_two_clients": bytes([0x01, 0x46,
-                                     2, 0x80, 2, 0x80, 3, 0, 10, 0, 8, 11, 1, 3, 3, 0, 5, 0x80,
-                                     8, 0, 5, 9, 1, 5, 1, 7, 1, 2, 12, 0x80, 12, 1, 14, 1,
-                                     1, 4, 64, 0, 0xff, 0xff, 0xff, 0xff, 10, 0, 1, 3, 0,
-                                     5, 0, 13, 0, 1, 15, 0, 15, 1]),
+        "server_two_clients": bytes.fromhex(
+            "0146 0280 0280 0300 0a00 08 0b01 03 0300 0580 0800 05 0901 0501 0701 02 0c80 0c01"
+            " 0e01 0104 4000 ffffffff 0a00 01 0300 0500 0d00 01 0f00 0f01"
+        ),
     }
     for name, data in seeds.items():
         with open(os.path.join(OUT, f"seed-{name}"), "wb") as f:
