@@ -101,7 +101,12 @@ fn read_u64(f: &std::fs::File, off: u64) -> Option<u64> {
 }
 
 /// Make the next attach to the slot at `base` complete without a server: ack = attach + 1.
+/// Only inside the file (a write past its end would grow it).
 fn pre_ack(f: &std::fs::File, base: u64) {
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if base.checked_add(ACK_SEQ + 4).is_none_or(|end| end > len) {
+        return;
+    }
     if let Some(a) = read_u32(f, base + ATTACH_SEQ) {
         let _ = f.write_at(&a.wrapping_add(1).to_ne_bytes(), base + ACK_SEQ);
     }
