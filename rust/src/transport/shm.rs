@@ -1652,6 +1652,14 @@ impl ShmClient {
         let msg = Message::shared(lease, decoded);
         let m = *msg.meta();
         let what = self.what();
+        // The server writes each slot's frames into that slot's ring; anything else was
+        // written by someone else (found by the shm_attach fuzz target).
+        if m.slot as usize != self.slot {
+            return Err(Error::Protocol(format!(
+                "the response ring of {what} holds a frame addressed to slot {}",
+                m.slot
+            )));
+        }
         take_answer(&mut self.outstanding, &m, &what)?;
         Ok(msg)
     }
@@ -2345,6 +2353,29 @@ mod tests {
             assert_eq!(lease.load(Ordering::Acquire), std::process::id());
             drop(c);
         }
+    }
+
+    #[test]
+    fn a_response_addressed_to_another_slot_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shm");
+        let mut srv = ShmServer::create(&p, 2, lim(), 2).unwrap();
+        let mut c = attach(&mut srv, &p, Some(0)).unwrap();
+        req(&mut c, 1, b"x");
+        srv.wait_any(T, &mut no_interrupt()).unwrap();
+        assert_eq!(answer_all(&mut srv, 0), 1);
+        // A stray writer rewrites the slot field (bytes 16..20) of the published frame.
+        let region = srv.region().unwrap();
+        let b = region.queue(0, true, 0).load(Ordering::Relaxed);
+        let ptr = region.buf_ptr(0, true, b);
+        // SAFETY: the published response buffer lies inside the mapping and holds a frame of
+        // at least 64 bytes; nothing else accesses it during this single-threaded test.
+        unsafe { std::ptr::copy_nonoverlapping(1u32.to_le_bytes().as_ptr(), ptr.add(16), 4) };
+        let got = c.recv(T, &mut no_interrupt());
+        assert!(
+            matches!(&got, Err(Error::Protocol(m)) if m.contains("addressed to slot 1")),
+            "{got:?}"
+        );
     }
 
     #[test]
