@@ -9,12 +9,12 @@ arms trained side by side from the same student initialisation, on the same batc
 same order, for the same number of steps, with the same optimizer and schedule:
 
 * ``ce``: cross-entropy only;
-* ``sampled``: ``0.5 * CE + 0.5 * sampled_kd_loss`` with the teacher's answers served by
-  ``sensai serve`` (compact format, ``--num-samples`` samples at temperature 1) to two
-  DataLoader workers through the collate wrapper;
-* ``full``: ``0.5 * CE + 0.5 * full_kd_loss`` against the teacher's full logits, computed
+* ``sampled``: ``(1 - w) * CE + w * sampled_kd_loss`` (``w``: ``--kd-weight``, 0.9) with the
+  teacher's answers served by ``sensai serve`` (compact format, ``--num-samples`` samples at
+  temperature 1) to two DataLoader workers through the collate wrapper;
+* ``full``: ``(1 - w) * CE + w * full_kd_loss`` against the teacher's full logits, computed
   in this process;
-* ``topk``: ``0.5 * CE + 0.5 * topk_kd_loss`` against the renormalised top-k, k chosen so
+* ``topk``: ``(1 - w) * CE + w * topk_kd_loss`` against the renormalised top-k, k chosen so
   that its bytes per position (int64 id + float32 log-prob per token) match those the
   ``sampled`` arm received on its first batches.
 
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--num-samples", type=int, default=64)
-    ap.add_argument("--kd-weight", type=float, default=0.5)
+    ap.add_argument("--kd-weight", type=float, default=0.9, help="weight of KD against CE")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=128)

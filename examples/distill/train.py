@@ -203,7 +203,7 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per row")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--kd-weight", type=float, default=0.5, help="weight of KD against CE")
+    ap.add_argument("--kd-weight", type=float, default=0.9, help="weight of KD against CE")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling = distillation")
     ap.add_argument("--num-samples", type=int, default=64, help="teacher samples per position")
     ap.add_argument("--layers", type=int, default=2, help="student layers")
