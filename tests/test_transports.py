@@ -1050,3 +1050,13 @@ def test_create_transport_default_path(kind: str) -> None:
     finally:
         server.close()
     assert not os.path.exists(path)
+
+
+def test_every_transport_takes_a_teachers_answer_by_default(kind: str, path: str) -> None:
+    """The teacher's answers carry up to 7 tensors (compact: 4 + 2 log-partitions + mask): the
+    default limits of every transport, shared memory included, admit them."""
+    server = make_server(kind, path)
+    try:
+        assert server.limits[0] >= 7
+    finally:
+        server.close()

@@ -36,9 +36,11 @@ DEFAULT_SHM_MAX_NBYTES = 64 << 20
 
 
 class SharedMemoryServer(ServerEndpointBase):
-    """``SharedMemoryServer(path, num_slots, max_nbytes, max_tensors=4, max_dims=8)`` (the
-    seed's signature), plus ``ring_depth`` (buffers per slot and direction, >= 2) and
-    ``debug``. ``path`` is a file, by default under /dev/shm (a bare name goes there).
+    """``SharedMemoryServer(path, num_slots, max_nbytes, max_tensors=8, max_dims=8)`` (the
+    seed's signature; its default of 4 tensors was raised to 8, as on the other transports,
+    since a teacher's answer carries up to 7), plus ``ring_depth`` (buffers per slot and
+    direction, >= 2) and ``debug``. ``path`` is a file, by default under /dev/shm (a bare name
+    goes there).
     """
 
     _factory = "shared_memory"
@@ -48,7 +50,7 @@ class SharedMemoryServer(ServerEndpointBase):
         path: str,
         num_slots: int,
         max_nbytes: int = DEFAULT_SHM_MAX_NBYTES,
-        max_tensors: int = 4,
+        max_tensors: int = 8,
         max_dims: int = 8,
         debug: bool = False,
         *,
