@@ -405,6 +405,14 @@ def test_a_reused_scratch_buffer_changes_nothing(case: dict) -> None:
             assert torch.equal(getattr(fresh, name), getattr(reused, name)), name
 
 
+def test_topk_with_a_reused_scratch_buffer_changes_nothing() -> None:
+    logits = _logits(10, 50, seed=3)
+    fresh = topk_positions(logits, 7)
+    reused = topk_positions(logits, 7, scratch=torch.full((500,), float("nan")))
+    for a, b in zip(fresh, reused, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_bad_scratch_buffer_is_refused() -> None:
     logits = _logits(10, 50, seed=3)
     with pytest.raises(ValueError, match="scratch holds 499 elements; logits"):

@@ -102,7 +102,7 @@ def test_compute_refuses_bad_formats(tiny_model_dir: str) -> None:
     assert full.compute(*_batch(full), output_format="full").logits.shape == (3, 11, 320)
 
 
-@pytest.mark.parametrize("fmt", ["sampled", "compact"])
+@pytest.mark.parametrize("fmt", ["sampled", "compact", "topk"])
 def test_the_kept_scratch_buffer_changes_no_answer(tiny_teacher, fmt: str) -> None:
     ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     with tiny_teacher._scratch_lock:  # held elsewhere: this call samples without it

@@ -317,7 +317,7 @@ class OutputBuilder:
             self.logits[lo:hi] = logits
             return
         if self.fmt == "topk":
-            idx, lp, lz = sampling.topk_positions(logits, self.k)
+            idx, lp, lz = sampling.topk_positions(logits, self.k, scratch=self.scratch)
             self.indices[lo:hi], self.logprobs[lo:hi], self.logz_full[lo:hi] = idx, lp, lz
             self.logz_sampled[lo:hi] = lz
             return

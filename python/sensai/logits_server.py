@@ -490,7 +490,8 @@ class TeacherLogitsServer:
             )
         ids, mask = self.prepare_inputs(input_ids, attention_mask)
         b, p = ids.shape[0], self.num_positions(ids.shape[1])
-        with self._sampling_scratch(b * p if sampled else 0, chunk_size) as scratch:  # 0: None
+        # The sampler's (and topk's) working buffer; the full format needs none (0: None).
+        with self._sampling_scratch(0 if fmt == "full" else b * p, chunk_size) as scratch:
             return build_output(
                 fmt,
                 self.iter_logit_chunks(ids, mask, chunk_size),

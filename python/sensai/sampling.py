@@ -373,11 +373,13 @@ def sample_positions(
 
 
 @torch.no_grad()
-def topk_positions(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_positions(
+    logits: torch.Tensor, k: int, *, scratch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``k`` most likely tokens of the untempered distribution at each position.
 
     Returns ``(indices [P, k] int64, logprobs [P, k] float32, logz_full [P] float32)``, indices
-    in descending probability order.
+    in descending probability order. ``scratch`` as for :func:`sample_positions`.
     """
     _check_logits(logits)
     if logits.dim() != 2:
@@ -392,9 +394,9 @@ def topk_positions(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
             torch.empty(0, k, dtype=torch.float32, device=x.device),
             torch.empty(0, dtype=torch.float32, device=x.device),
         )
-    _check_row_max(x, x.amax(dim=-1))
+    m0 = _row_max(x)
     vals, idx = torch.topk(x, k, dim=-1, sorted=True)
-    logz = torch.logsumexp(x, dim=-1)
+    logz = _untempered_logz(x, m0, _work_buffer(x, scratch))
     return idx, vals - logz.unsqueeze(-1), logz
 
 
