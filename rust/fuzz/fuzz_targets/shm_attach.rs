@@ -138,7 +138,11 @@ fn request(c: &mut ShmClient, n: usize) {
 fn client_recv(c: &mut ShmClient, held: &mut Vec<Message>, keep: bool) {
     if let Ok(m) = c.recv_raw(ZERO, &mut no_interrupt()) {
         check_message(&m);
-        assert_eq!(m.meta().slot as usize, c.slot(), "an answer for another slot");
+        assert_eq!(
+            m.meta().slot as usize,
+            c.slot(),
+            "an answer for another slot"
+        );
         if keep && held.len() < 8 {
             held.push(m);
         }
@@ -177,7 +181,10 @@ fn file_mode(data: &[u8]) {
     if flags & 8 != 0 {
         let stride = read_u64(&f, SLOT_STRIDE).unwrap_or(0);
         let s = slot.unwrap_or(0) as u64;
-        if let Some(base) = stride.checked_mul(s).and_then(|o| o.checked_add(HEADER_REGION)) {
+        if let Some(base) = stride
+            .checked_mul(s)
+            .and_then(|o| o.checked_add(HEADER_REGION))
+        {
             pre_ack(&f, base);
         }
     }
