@@ -220,6 +220,9 @@ def _lease_and_check(kind: str, path: str, seed: int, rounds: int, conn: Any) ->
                     out, slot = c.request(x, timeout=20)
                     assert np.array_equal(out, x), f"got another client's data: {out[:3]}"
                     assert int(slot) == c.slot_id, f"answered for slot {slot}, we hold {c.slot_id}"
+                # The answers are zero-copy views of the slot's response buffers: holding them
+                # past the lease would keep those buffers from the slot's next holder.
+                del out, slot
                 other = (c.slot_id + 1) % 8
                 for name, args in (
                     ("write_tensor_slot", (other, x)),
