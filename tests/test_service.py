@@ -131,6 +131,9 @@ class TestServed:
         assert info["num_samples"] == NUM_SAMPLES
         assert info["temperature"] == 1.0 and info["top_k"] == 0 and info["top_p"] == 1.0
         assert info["topk"] == 64 and info["max_batch_tokens"] == 16384
+        from sensai.service import DEFAULT_BATCH_WAIT
+
+        assert info["batch_wait_ms"] == DEFAULT_BATCH_WAIT * 1e3  # the CLI's default
         assert info["protocol_version"] == _core.PROTOCOL_VERSION
         assert info["model"]
 
@@ -203,6 +206,7 @@ def test_info_command_without_a_server_fails_with_one_line(short_tmp: str) -> No
         (["--max-nbytes", "-5"], "--max-nbytes"),
         (["--max-elems", "-5"], "--max-elems"),
         (["--max-batch-tokens", "0"], "--max-batch-tokens"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
         (["--format", "sampled", "--num-samples", "0"], "--num-samples"),
         (["--transport", "unix_socket", "--pipe-dir", "/tmp/x"], "--pipe-dir"),
     ],
@@ -319,6 +323,132 @@ def test_batches_respect_max_batch_tokens_and_answer_in_order(full_teacher: Any)
         if kind == "response":
             ref = full_teacher.compute(ids[slot]).logits
             torch.testing.assert_close(torch.as_tensor(body[0]), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["sampled", "compact", "coo", "topk"])
+def test_every_format_batches_and_each_answer_is_its_own(tiny_model_dir: str, fmt: str) -> None:
+    """Three unseeded requests (different lengths, one padded) in one forward: each answer has
+    its request's shape and mask, its own teacher probabilities and N samples per position."""
+    from sensai.logits_server import TeacherLogitsServer
+
+    teacher = TeacherLogitsServer(
+        tiny_model_dir, device="cpu", num_samples=16, output_format=fmt, topk=8
+    )
+    a, b, c = _ids(2, 11, seed=2), _ids(1, 6, seed=3), _ids(1, 9, seed=4)
+    mask_c = np.ones_like(c)
+    mask_c[0, 6:] = 0
+    fake = _FakeTransport({0: [_Msg([a])], 1: [_Msg([b])], 2: [_Msg([c, mask_c])]})
+    service = TeacherService(teacher, fake)
+    assert service.serve_round([0, 1, 2]) == 3
+    assert service.totals["batches"] == 1 and len(fake.sent) == 3
+    for slot, kind, tag, body in fake.sent:
+        ids, mask = {0: (a, None), 1: (b, None), 2: (c, mask_c)}[slot]
+        assert kind == "response" and tag == FORMAT_TAGS[fmt]
+        got = TeacherOutput.from_arrays(tag, body, vocab_size=320, num_samples=16)
+        alone = teacher.compute(ids, mask, seed=1)
+        assert torch.equal(got.mask, alone.mask)
+        torch.testing.assert_close(got.logz_full, alone.logz_full, rtol=1e-5, atol=1e-5)
+        logp = torch.log_softmax(teacher.get_logits_from_input_ids(ids, mask), dim=-1)
+        lp = got.teacher_logprobs()
+        if fmt == "coo":
+            bi, _, si, tok = got.coo_indices
+            assert bi.max() < ids.shape[0] and si.max() < got.num_positions
+            where = (bi, si, tok)
+            per_position = torch.bincount(bi * got.num_positions + si)
+        elif fmt == "compact":
+            pos = got.position_of_entries()
+            where = (pos // got.num_positions, pos % got.num_positions, got.tokens.long())
+            per_position = torch.zeros(got.mask.numel(), dtype=torch.int64).index_add_(
+                0, pos, got.counts.long()
+            )
+        else:
+            where = None
+            torch.testing.assert_close(lp, logp.gather(-1, got.indices), rtol=1e-4, atol=1e-4)
+        if where is not None:
+            real = got.mask[where[0], where[1]]
+            torch.testing.assert_close(lp[real], logp[where][real], rtol=1e-4, atol=1e-4)
+            assert torch.equal(per_position, torch.full_like(per_position, 16))
+
+
+class _Arrivals(_FakeTransport):
+    """``wait_any`` delivers the next scheduled arrival (slot -> message), else times out."""
+
+    def __init__(self, requests: dict[int, list[_Msg]], arrivals: list[dict[int, _Msg]]):
+        super().__init__(requests)
+        self.arrivals = list(arrivals)
+        self.waits: list[float] = []
+        self.gone: set[int] = set()
+
+    def wait_any(self, timeout: float | None = None) -> list[int]:
+        from sensai.errors import TransportTimeout
+
+        self.waits.append(float(timeout or 0))
+        if not self.arrivals:
+            raise TransportTimeout("nothing came")
+        come = self.arrivals.pop(0)
+        for slot, msg in come.items():
+            self.pending.setdefault(slot, []).append(msg)
+        return sorted(come)
+
+    def is_connected(self, slot: int) -> bool:
+        return slot not in self.gone
+
+
+def test_clients_answered_last_round_are_gathered_into_one_batch(full_teacher: Any) -> None:
+    ids = [_ids(1, 8, seed=i) for i in range(3)]
+    fake = _Arrivals({s: [_Msg([ids[s]])] for s in range(3)}, [])
+    service = TeacherService(full_teacher, fake, batch_wait=0.5)
+    assert service.serve_round([0, 1, 2]) == 3  # nobody to wait for yet
+    assert fake.waits == [] and service.totals["batches"] == 1
+    round_seconds = service._round_seconds  # the first round's compute time
+    assert 0 < round_seconds < 2.5
+    # next round: slot 2 is back first; 0 arrives, then 1 (each within the window)
+    fake.pending[2] = [_Msg([ids[2]])]
+    fake.arrivals = [{0: _Msg([ids[0]])}, {1: _Msg([ids[1]])}]
+    assert service.serve_round([2]) == 3
+    assert service.totals["batches"] == 2 and service.totals["gathered"] == 2
+    assert len(fake.waits) == 2 and all(0 < w <= 0.5 for w in fake.waits)
+    # the window is at most a fifth of a round's compute time, not the whole 0.5 s
+    assert fake.waits[0] <= 0.2 * round_seconds
+    assert len(fake.sent) == 6 and {s for s, *_ in fake.sent[3:]} == {0, 1, 2}
+
+
+def test_a_lone_client_or_a_gone_one_is_not_waited_for(full_teacher: Any) -> None:
+    a = _ids(1, 8)
+    fake = _Arrivals({0: [_Msg([a])]}, [])
+    service = TeacherService(full_teacher, fake, batch_wait=5.0)
+    for _ in range(3):  # one client in a loop: never waits
+        fake.pending[0] = [_Msg([a])]
+        service.serve_round([0])
+    assert fake.waits == []
+    # slots 0 and 1 served together; then 1 disconnects: slot 0 alone is not held back
+    fake.pending = {0: [_Msg([a])], 1: [_Msg([a])]}
+    service.serve_round([0, 1])
+    fake.gone.add(1)
+    fake.pending[0] = [_Msg([a])]
+    service.serve_round([0])
+    assert fake.waits == []
+    # a connected client that does not come costs one bounded wait, then is not expected
+    fake.gone.clear()
+    fake.pending = {0: [_Msg([a])], 1: [_Msg([a])]}
+    service.serve_round([0, 1])
+    fake.pending[0] = [_Msg([a])]
+    t0 = time.monotonic()
+    service.serve_round([0])
+    assert len(fake.waits) == 1 and time.monotonic() - t0 < 5
+    fake.pending[0] = [_Msg([a])]
+    service.serve_round([0])
+    assert len(fake.waits) == 1
+    # batch_wait=0 never waits; bad values are refused
+    off = TeacherService(full_teacher, fake, batch_wait=0)
+    fake.pending = {0: [_Msg([a])], 1: [_Msg([a])]}
+    off.serve_round([0, 1])
+    fake.pending[0] = [_Msg([a])]
+    off.serve_round([0])
+    assert len(fake.waits) == 1
+    for bad in (-1, 11, "5", True):
+        with pytest.raises(ValueError, match="batch_wait must be"):
+            TeacherService(full_teacher, fake, batch_wait=bad)
 
 
 def test_serve_forever_returns_after_stop(full_teacher: Any) -> None:

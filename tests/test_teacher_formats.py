@@ -114,3 +114,60 @@ def test_the_kept_scratch_buffer_changes_no_answer(tiny_teacher, fmt: str) -> No
             assert torch.equal(a, b)
     assert tiny_teacher._scratch is not None
     assert tiny_teacher._scratch.numel() == 5 * tiny_teacher.vocab_size
+
+
+def _sample_counts(out: TeacherOutput) -> torch.Tensor:
+    """[B, S, V] how many of each position's samples fell on each token (sampling formats)."""
+    b, s, v = out.batch_size, out.num_positions, out.vocab_size
+    dense = torch.zeros(b, s, v, dtype=torch.int64)
+    if out.format == "sampled":
+        return dense.scatter_add_(-1, out.indices, torch.ones_like(out.indices))
+    if out.format == "coo":
+        bi, _, si, tok = out.coo_indices
+        return dense.index_put_((bi, si, tok), torch.ones_like(tok), accumulate=True)
+    pos = out.position_of_entries()
+    return dense.index_put_(
+        (pos // s, pos % s, out.tokens.long()), out.counts.long(), accumulate=True
+    )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("lo,hi,p", [(0, 3, 11), (1, 3, 8), (2, 3, 1), (0, 1, 11), (1, 2, 5)])
+def test_rows_is_the_answer_for_those_rows_alone(tiny_teacher, fmt: str, lo, hi, p) -> None:
+    """What a server sends each request of a batched forward: the rows' own draws, logits
+    and masks, with compact offsets and coo batch indices renumbered from 0."""
+    out = _output(tiny_teacher, fmt)
+    part = out.rows(lo, hi, p)
+    assert (part.format, part.batch_size, part.num_positions) == (fmt, hi - lo, p)
+    assert torch.equal(part.mask, out.mask[lo:hi, :p])
+    if fmt == "full":
+        assert torch.equal(part.logits, out.logits[lo:hi, :p])
+    else:
+        assert torch.equal(part.logz_full, out.logz_full[lo:hi, :p])
+        assert torch.equal(part.logz_sampled, out.logz_sampled[lo:hi, :p])
+    if fmt == "topk":
+        assert torch.equal(part.indices, out.indices[lo:hi, :p])
+        assert torch.equal(part.logprobs, out.logprobs[lo:hi, :p])
+    if fmt in ("sampled", "coo", "compact"):
+        # the same seed draws the same samples in every sampling format
+        ref = _sample_counts(_output(tiny_teacher, "sampled"))[lo:hi, :p]
+        assert torch.equal(_sample_counts(part), ref)
+        assert int(_sample_counts(part).sum()) == (hi - lo) * p * tiny_teacher.num_samples
+    if fmt == "compact":
+        assert int(part.offsets[0]) == 0 and int(part.offsets[-1]) == part.tokens.numel()
+        assert part.offsets.numel() == (hi - lo) * p + 1
+        logits = tiny_teacher.get_logits_from_input_ids(*_batch(tiny_teacher))[lo:hi, :p]
+        pos = part.position_of_entries()
+        ref_lp = torch.log_softmax(logits, -1)[pos // p, pos % p, part.tokens.long()]
+        real = part.mask[pos // p, pos % p]
+        torch.testing.assert_close(part.logprobs[real], ref_lp[real])
+    back = TeacherOutput.from_arrays(part.tag, part.to_arrays())
+    for a, b in zip(back.to_arrays(), part.to_arrays(), strict=True):
+        assert torch.equal(a, b.to(a.dtype))
+
+
+def test_rows_refuses_rows_outside_the_output(tiny_teacher) -> None:
+    out = _output(tiny_teacher, "compact")
+    for args in ((0, 4), (2, 2), (-1, 1), (0, 1, 12), (0, 1, 0)):
+        with pytest.raises(ValueError, match="do not fit an output of 3 rows x 11"):
+            out.rows(*args)

@@ -164,6 +164,14 @@ def serve_options(f: Any) -> Any:
             "single request runs alone.",
         ),
         click.option(
+            "--batch-wait-ms",
+            type=click.FloatRange(0, 10_000),
+            default=10.0,
+            show_default=True,
+            help="Longest wait for clients answered in the previous round before a batch "
+            "starts (never more than a fifth of a round's compute time; 0: off).",
+        ),
+        click.option(
             "--seed",
             type=click.IntRange(0, 2**64 - 1),
             default=None,
@@ -258,6 +266,7 @@ def run_serve(**kw: Any) -> None:
             transport,
             kw["max_batch_tokens"],
             default_seed=kw["seed"],
+            batch_wait=kw["batch_wait_ms"] / 1e3,
             model_name=kw["model"] or "SmolLM2-135M-Instruct (embedded)",
         )
         if stopping.is_set():

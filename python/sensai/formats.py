@@ -160,6 +160,50 @@ class TeacherOutput:
         return sum(t.numel() * t.element_size() for t in self.to_arrays())
 
     # -- conversions ----------------------------------------------------------------
+    def rows(self, lo: int, hi: int, num_positions: int | None = None) -> TeacherOutput:
+        """The output of batch rows ``lo..hi`` and their first ``num_positions`` positions
+        (default: all), as if those rows had been computed alone: the same tensors in every
+        format, ``compact`` offsets and ``coo`` batch indices renumbered from 0. This is how a
+        server splits one batched forward back into its requests."""
+        b, s = self.batch_size, self.num_positions
+        p = s if num_positions is None else int(num_positions)
+        if not (0 <= lo < hi <= b and 0 < p <= s):
+            raise ValueError(
+                f"rows {lo}..{hi} x {p} positions do not fit an output of {b} rows x {s}"
+            )
+        kw: dict[str, Any] = {"mask": self.mask[lo:hi, :p].contiguous()}
+        for name in ("logits", "indices", "values", "logz_sampled", "logz_full"):
+            v = getattr(self, name)
+            if v is not None:
+                kw[name] = v[lo:hi, :p].contiguous()
+        if self.format == "topk":
+            kw["logprobs"] = self.logprobs[lo:hi, :p].contiguous()  # type: ignore[index]
+        elif self.format == "compact":
+            offsets = self.offsets
+            assert offsets is not None
+            dev = offsets.device
+            pos = torch.arange(lo, hi, device=dev)[:, None] * s + torch.arange(p, device=dev)
+            pos = pos.reshape(-1)
+            starts, lengths = offsets[pos], offsets[pos + 1] - offsets[pos]
+            new = torch.zeros(pos.numel() + 1, dtype=offsets.dtype, device=dev)
+            torch.cumsum(lengths, 0, out=new[1:])
+            # entry j of the result comes from starts[its position] + its rank in the position
+            take = torch.repeat_interleave(starts - new[:-1], lengths) + torch.arange(
+                int(new[-1]), device=dev, dtype=offsets.dtype
+            )
+            kw["offsets"] = new
+            for name in ("tokens", "counts", "logprobs"):
+                kw[name] = getattr(self, name)[take]
+        elif self.format == "coo":
+            idx = self.coo_indices
+            assert idx is not None and self.coo_values is not None
+            keep = (idx[0] >= lo) & (idx[0] < hi) & (idx[2] < p)
+            sub = idx[:, keep]
+            sub[0] -= lo
+            kw["coo_indices"] = sub
+            kw["coo_values"] = self.coo_values[keep]
+        return replace(self, extra={}, **kw)
+
     def to(self, device: torch.device | str) -> TeacherOutput:
         """A copy with every tensor on ``device``."""
         kw = {}

@@ -20,16 +20,27 @@ first, to keep padding small). A batch is right-padded (pad id: the tokenizer's 
 batch rows, each part trimmed to the request's own ``S - 1`` positions. Right padding does not
 change a causal model's logits at real positions beyond float rounding.
 
-Requests that run alone (their own batch):
+Every format batches: :meth:`TeacherOutput.rows` cuts a request's rows and positions out of
+the batch's output (renumbering ``compact`` offsets and ``coo`` batch indices). Requests that
+run alone (their own batch):
 
 * a single request larger than ``max_batch_tokens``: it is not refused; it runs alone and the
   teacher's chunked LM head bounds its memory (the hard limits on a request are the transport's
   ``max_nbytes`` and the model's context, both checked before any compute);
-* in the ``coo`` and ``compact`` formats every request (their tensors are flat, not per row);
 * in the sampling formats (``sampled``, ``coo``, ``compact``) a request with a seed (its own or
   the server's default seed): it is computed alone, so its answer equals the in-process
   ``teacher.compute(input_ids, attention_mask, seed=seed)``. ``full`` and ``topk`` do not
   sample, so seeds do not stop them from batching.
+
+Gathering. Clients in a request loop (training processes, DataLoader workers) come back a few
+milliseconds after their answers, one after another; a server that started a forward on the
+first arrival would split them into a batch of one and a batch of the rest, round after round.
+So when a round's requests are taken and some client answered in the previous round has not
+sent its next request yet, the server waits for it: at most ``batch_wait`` seconds, and never
+more than :data:`BATCH_WAIT_SHARE` of an average round's compute time (so waiting for a client
+that does not come costs at most that share of the throughput), and only while the batch is
+below ``max_batch_tokens``. A lone client is never waited for; ``batch_wait=0`` turns
+gathering off.
 
 Answers on one slot are sent in the order its requests arrived (the transport answers the
 oldest unanswered request of a slot).
@@ -53,7 +64,15 @@ from . import _core
 from ._core import ERROR_CODES
 from .errors import CapacityError, PeerGoneError, SensAIError, TransportTimeout
 
-__all__ = ["TeacherService", "INFO_TAG", "SEED_FLAG", "DEFAULT_MAX_BATCH_TOKENS", "SUMMARY_EVERY"]
+__all__ = [
+    "BATCH_WAIT_SHARE",
+    "DEFAULT_BATCH_WAIT",
+    "DEFAULT_MAX_BATCH_TOKENS",
+    "INFO_TAG",
+    "SEED_FLAG",
+    "SUMMARY_EVERY",
+    "TeacherService",
+]
 
 log = logging.getLogger("sensai.service")
 
@@ -62,10 +81,13 @@ INFO_TAG = 0x1001
 #: Request tag bit: the header value holds a seed.
 SEED_FLAG = 1
 DEFAULT_MAX_BATCH_TOKENS = 16384
+#: Longest wait (seconds) for clients expected back before a batch starts.
+DEFAULT_BATCH_WAIT = 0.010
+#: The wait never exceeds this share of an average round's compute time.
+BATCH_WAIT_SHARE = 0.2
 #: Seconds between two INFO-level summary lines.
 SUMMARY_EVERY = 10.0
 
-_BATCHABLE_FORMATS = ("full", "sampled", "topk")
 _SAMPLING_FORMATS = ("sampled", "coo", "compact")
 
 
@@ -102,6 +124,8 @@ class TeacherService:
 
     ``default_seed``: used by requests that carry none (None: torch's global RNG).
     ``model_name``: reported by INFO (default: the model's ``name_or_path``).
+    ``batch_wait``: the longest wait, in seconds, for clients expected back before a batch
+    starts (see the module doc; 0 turns it off).
     """
 
     def __init__(
@@ -112,6 +136,7 @@ class TeacherService:
         *,
         default_seed: int | None = None,
         model_name: str | None = None,
+        batch_wait: float = DEFAULT_BATCH_WAIT,
         poll_timeout: float = 0.5,
         summary_every: float = SUMMARY_EVERY,
     ) -> None:
@@ -119,12 +144,17 @@ class TeacherService:
             raise ValueError(f"max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if isinstance(batch_wait, bool) or not isinstance(batch_wait, (int, float)):
+            raise ValueError(f"batch_wait must be a number of seconds >= 0, got {batch_wait!r}")
+        if not 0 <= batch_wait <= 10:
+            raise ValueError(f"batch_wait must be in [0, 10] seconds, got {batch_wait}")
         if default_seed is not None and not 0 <= int(default_seed) < 2**64:
             raise ValueError(f"default_seed must be in [0, 2**64), got {default_seed!r}")
         self.teacher = teacher
         self.transport = transport
         self.max_batch_tokens = max_batch_tokens
         self.default_seed = default_seed
+        self.batch_wait = float(batch_wait)
         self.poll_timeout = poll_timeout
         self.summary_every = summary_every
         if model_name is None:
@@ -136,7 +166,9 @@ class TeacherService:
         self.pad_id = int(pad) if isinstance(pad, int) and pad >= 0 else 0
         self._stop = threading.Event()
         self._stats = _Stats()
-        self.totals = {"requests": 0, "batches": 0, "errors": 0}
+        self.totals = {"requests": 0, "batches": 0, "errors": 0, "gathered": 0}
+        self._served_last: set[int] = set()  # slots answered by the previous round
+        self._round_seconds = 0.0  # moving average of a round's compute time
 
     # ------------------------------------------------------------------------- config
     def info(self) -> dict[str, Any]:
@@ -157,6 +189,7 @@ class TeacherService:
             "topk": t.topk,
             "protocol_version": int(_core.PROTOCOL_VERSION),
             "max_batch_tokens": self.max_batch_tokens,
+            "batch_wait_ms": self.batch_wait * 1e3,
         }
 
     def _info_answer(self) -> tuple[str, int, Any]:
@@ -187,10 +220,29 @@ class TeacherService:
         return self._stop.is_set()
 
     def serve_round(self, ready: list[int]) -> int:
-        """Take every pending request of the ``ready`` slots, answer them all; returns how
-        many were taken."""
+        """Take every pending request of the ``ready`` slots (and of the clients gathered,
+        see the module doc), answer them all; returns how many were taken."""
         queues: dict[int, deque[_Request]] = {}
         valid: list[_Request] = []
+        taken = self._take(ready, queues, valid)
+        self._flush(queues)  # errors and INFO at the head of a slot go out now
+        taken += self._gather(queues, valid)
+        t0 = time.monotonic()
+        for batch in self._plan(valid):
+            self._run_batch(batch)
+            self._flush(queues)
+        if valid:
+            spent = time.monotonic() - t0
+            avg = self._round_seconds
+            self._round_seconds = spent if avg == 0 else 0.7 * avg + 0.3 * spent
+        self._served_last = {r.slot for r in valid}
+        return taken
+
+    def _take(
+        self, ready: list[int], queues: dict[int, deque[_Request]], valid: list[_Request]
+    ) -> int:
+        """Receive and parse every pending request of the ``ready`` slots; returns how many."""
+        taken = 0
         for slot in ready:
             while True:
                 try:
@@ -203,13 +255,39 @@ class TeacherService:
                 req = self._parse(slot, msg)
                 del msg  # on shared memory its arrays view the client's buffer
                 queues.setdefault(slot, deque()).append(req)
+                taken += 1
                 if req.answer is None:
                     valid.append(req)
-        taken = sum(len(q) for q in queues.values())
-        self._flush(queues)  # errors and INFO at the head of a slot go out now
-        for batch in self._plan(valid):
-            self._run_batch(batch)
+        return taken
+
+    def _gather(self, queues: dict[int, deque[_Request]], valid: list[_Request]) -> int:
+        """Wait (briefly, see the module doc) for the clients answered in the previous round
+        that have not sent their next request yet; take what arrives. Returns how many."""
+        if self.batch_wait <= 0 or all(self._alone(r) for r in valid):
+            return 0  # nothing that another request could join
+        connected = getattr(self.transport, "is_connected", lambda slot: True)
+        expected = {s for s in self._served_last - queues.keys() if connected(s)}
+        if not expected:
+            return 0
+        window = self.batch_wait
+        if self._round_seconds > 0:
+            window = min(window, BATCH_WAIT_SHARE * self._round_seconds)
+        deadline = time.monotonic() + window
+        taken = 0
+        while expected and not self.stopping:
+            if sum(int(r.ids.numel()) for r in valid) >= self.max_batch_tokens:  # type: ignore[union-attr]
+                break  # a full batch already
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                more = self.transport.wait_any(left)
+            except TransportTimeout:
+                break
+            taken += self._take(more, queues, valid)
             self._flush(queues)
+            expected.difference_update(more)
+        self.totals["gathered"] += taken
         return taken
 
     # ---------------------------------------------------------------------- requests
@@ -264,10 +342,7 @@ class TeacherService:
         return ("error", ERROR_CODES[code], message)
 
     def _alone(self, req: _Request) -> bool:
-        fmt = self.teacher.output_format
-        if fmt not in _BATCHABLE_FORMATS:
-            return True
-        return req.seed is not None and fmt in _SAMPLING_FORMATS
+        return req.seed is not None and self.teacher.output_format in _SAMPLING_FORMATS
 
     def _plan(self, reqs: list[_Request]) -> list[list[_Request]]:
         """Batches of requests, each within ``max_batch_tokens`` (rows * longest S) unless a
@@ -332,13 +407,11 @@ class TeacherService:
             ids_parts.append(ids)
             mask_parts.append(mask)
         out = self.teacher.compute(torch.cat(ids_parts), torch.cat(mask_parts), seed=None)
-        arrays = [t.detach().cpu() for t in out.to_arrays()]
         row = 0
         for r in batch:
             b, s = (int(x) for x in r.ids.shape)  # type: ignore[union-attr]
-            p = self.teacher.num_positions(s)
-            part = [a[row : row + b, :p].contiguous() for a in arrays]
-            r.answer = ("response", out.tag, part)
+            part = out.rows(row, row + b, self.teacher.num_positions(s))
+            r.answer = ("response", out.tag, [t.detach().cpu() for t in part.to_arrays()])
             row += b
 
     # ------------------------------------------------------------------------ answers
