@@ -2,11 +2,19 @@
 
     python benchmarks/serve_bench.py [-B 4] [-S 256] [--batches 3] [--warmup 1]
         [--transports shared_memory,unix_socket,named_pipe] [--clients 1,4] [--json PATH]
+        [--device cpu|cuda] [--random-model] [--one-at-a-time]
+
+    # the GPU clause, on a machine with CUDA that can download nothing:
+    python benchmarks/serve_bench.py --device cuda --random-model --one-at-a-time \
+        --clients 4 --batches 40 --warmup 5
 
 Input is real English text (docstrings of standard-library modules, via ``inspect.getdoc``)
 tokenized with the teacher's tokenizer and cut into ``--batches`` batches of ``[B, S]`` token
 ids (plus ``--warmup`` batches run before timing). The teacher is the embedded
-SmolLM2-135M-Instruct on the CPU, output format ``sampled`` with ``--num-samples`` samples.
+SmolLM2-135M-Instruct on ``--device``, output format ``sampled`` with ``--num-samples``
+samples. ``--random-model`` serves instead a randomly initialised model of SmolLM2-135M's
+shape, saved with a minimal tokenizer to a temporary folder, on random token ids: for machines
+without the embedded model (a GPU box that can download nothing).
 
 Arms (each times the same ``batches x B x S`` input tokens; tokens/s counts input tokens):
 
@@ -20,8 +28,13 @@ Arms (each times the same ``batches x B x S`` input tokens; tokens/s counts inpu
   seed (a seeded request would run alone). Every client connects and runs its warm-up
   requests, then all wait on a barrier with this process; the clock runs from the barrier's
   release until the last client has its last answer.
+* ``<transport>/1x1`` (with ``--one-at-a-time``, for each client count > 1): the same clients
+  served by a second server started with ``--max-batch-tokens S --batch-wait-ms 0``, which
+  runs every request alone.
 
-Targets: served with 1 client >= 95% of in-process; served with 4 clients >= in-process.
+Targets: served with 1 client >= 95% of in-process; served with 4 clients >= in-process; on a
+GPU, 4 clients batched >= 2x the same clients served one at a time (on a CPU the forward is
+compute-bound and batching rows gains little, so there the ratio is reported, not judged).
 Absolute numbers hold only for the machine named in the output.
 """
 
@@ -36,6 +49,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import import_module
 from multiprocessing.synchronize import Barrier
@@ -45,6 +59,8 @@ import torch
 
 ONE_CLIENT_TARGET = 0.95
 MANY_CLIENTS_TARGET = 1.0
+#: On a GPU: many clients batched over the same clients served one request per forward.
+BATCHING_GAIN_TARGET = 2.0
 TRANSPORTS = ("shared_memory", "unix_socket", "named_pipe")
 #: Standard-library modules whose docstrings make the benchmark text (fixed order).
 DOC_MODULES = (
@@ -107,6 +123,38 @@ def text_batches(tokenizer: Any, n: int, batch: int, seq: int) -> torch.Tensor:
     return torch.tensor(ids[:need], dtype=torch.int64).reshape(n, batch, seq)
 
 
+def random_batches(vocab_size: int, n: int, batch: int, seq: int) -> torch.Tensor:
+    """``[n, batch, seq]`` seeded random token ids (for ``--random-model``)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (n, batch, seq), generator=g, dtype=torch.int64)
+
+
+def save_random_model(path: str) -> str:
+    """A randomly initialised Llama of SmolLM2-135M's shape (30 layers, hidden 576, vocabulary
+    49,152) and a minimal tokenizer (it only supplies a pad token), saved to ``path``."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    vocab = {"<unk>": 0, "<pad>": 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>") \
+        .save_pretrained(path)  # fmt: skip
+    return path
+
+
 # -------------------------------------------------------------------------------- in-process
 
 
@@ -115,14 +163,21 @@ def bench_in_process(args: argparse.Namespace) -> tuple[dict[str, Any], torch.Te
     from sensai.logits_server import TeacherLogitsServer
 
     teacher = TeacherLogitsServer(
-        args.model, device="cpu", num_samples=args.num_samples, output_format="sampled"
+        args.model, device=args.device, num_samples=args.num_samples, output_format="sampled"
     )
-    data = text_batches(teacher.tokenizer, args.warmup + args.batches, args.batch, args.seq)
+    n = args.warmup + args.batches
+    if args.random_model:
+        data = random_batches(teacher.vocab_size, n, args.batch, args.seq)
+    else:
+        data = text_batches(teacher.tokenizer, n, args.batch, args.seq)
     for i in range(args.warmup):
         teacher.compute(data[i])
+    _sync(args.device)
     t0 = time.perf_counter()
     for i in range(args.warmup, len(data)):
-        teacher.compute(data[i])
+        # answers are used on the host, as a served client gets them
+        [t.cpu() for t in teacher.compute(data[i]).to_arrays()]
+    _sync(args.device)
     elapsed = time.perf_counter() - t0
     del teacher
     return arm_result("in-process", 0, args, elapsed), data
@@ -150,17 +205,28 @@ def client_main(
         results.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def start_server(args: argparse.Namespace, transport: str, num_clients: int) -> tuple[Any, str]:
-    """A ``sensai serve`` subprocess and its address (its first stdout line)."""
-    cmd = [sys.executable, "-m", "sensai.cli", "serve", "--device", "cpu"]
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def start_server(
+    args: argparse.Namespace, transport: str, num_clients: int, one_at_a_time: bool = False
+) -> tuple[Any, str]:
+    """A ``sensai serve`` subprocess and its address (its first stdout line); with
+    ``one_at_a_time`` it runs every ``[1, S]`` request in a forward of its own."""
+    cmd = [sys.executable, "-m", "sensai.cli", "serve", "--device", args.device]
     if args.model:
         cmd += ["--model", args.model]
+    batching = ["--max-batch-tokens", str(args.max_batch_tokens)]
+    if one_at_a_time:
+        batching = ["--max-batch-tokens", str(args.seq), "--batch-wait-ms", "0"]
     cmd += [
         "--transport", transport,
         "--num-clients", str(num_clients),
         "--format", "sampled",
         "--num-samples", str(args.num_samples),
-        "--max-batch-tokens", str(args.max_batch_tokens),
+        *batching,
         "--log-level", "WARNING",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -236,12 +302,16 @@ def arm_result(arm: str, clients: int, args: argparse.Namespace, elapsed: float)
     }
 
 
-def add_ratios(rows: list[dict[str, Any]]) -> dict[str, bool]:
-    """Ratio of every arm to in-process, and whether each target holds."""
+def add_ratios(rows: list[dict[str, Any]], gpu: bool) -> dict[str, bool]:
+    """Ratio of every arm to in-process (and of each batched arm to its one-at-a-time twin:
+    ``gain``), and whether each target holds."""
     base = rows[0]["tokens_per_s"]
+    by_name = {(r["arm"], r["clients"]): r for r in rows}
     checks: dict[str, bool] = {}
     for row in rows:
         row["ratio"] = round(row["tokens_per_s"] / base, 4)
+        if row["arm"].endswith("/1x1"):
+            continue  # the baseline of the batching gain, no target of its own
         if row["clients"] == 1:
             row["target"] = ONE_CLIENT_TARGET
         elif row["clients"] > 1:
@@ -249,25 +319,38 @@ def add_ratios(rows: list[dict[str, Any]]) -> dict[str, bool]:
         if "target" in row:
             row["pass"] = row["ratio"] >= row["target"]
             checks[f"{row['arm']}/{row['clients']}"] = row["pass"]
+        twin = by_name.get((f"{row['arm']}/1x1", row["clients"]))
+        if twin is not None:
+            row["gain"] = round(row["tokens_per_s"] / twin["tokens_per_s"], 4)
+            if gpu:
+                checks[f"{row['arm']}/{row['clients']} batching gain"] = (
+                    row["gain"] >= BATCHING_GAIN_TARGET
+                )
     return checks
 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str) -> None:
     print(f"\n{machine}; B={args.batch}, S={args.seq}, {args.batches} timed batches "
           f"({args.warmup} warm-up), sampled, N={args.num_samples}")  # fmt: skip
-    print(f"{'arm':<14} {'clients':>7} {'tokens/s':>10} {'ratio':>7} {'target':>7}  result")
+    print(f"{'arm':<18} {'clients':>7} {'tokens/s':>10} {'ratio':>7} {'target':>7}  result"
+          f"  {'vs 1x1':>7}")  # fmt: skip
     for r in rows:
         target = f">={r['target']:.2f}" if "target" in r else ""
         result = ("PASS" if r["pass"] else "FAIL") if "pass" in r else ""
         clients = str(r["clients"]) if r["clients"] else "-"
-        print(f"{r['arm']:<14} {clients:>7} {r['tokens_per_s']:>10.1f} {r['ratio']:>7.3f} "
-              f"{target:>7}  {result}")  # fmt: skip
+        gain = f"{r['gain']:>7.2f}" if "gain" in r else ""
+        print(f"{r['arm']:<18} {clients:>7} {r['tokens_per_s']:>10.1f} {r['ratio']:>7.3f} "
+              f"{target:>7}  {result:<6}  {gain}")  # fmt: skip
     print(f"targets: 1 client >= {ONE_CLIENT_TARGET:.0%} of in-process; "
-          f"more clients >= {MANY_CLIENTS_TARGET:.0%} of in-process")  # fmt: skip
+          f"more clients >= {MANY_CLIENTS_TARGET:.0%} of in-process; on a GPU, batched >= "
+          f"{BATCHING_GAIN_TARGET:.0f}x one at a time (vs 1x1)")  # fmt: skip
 
 
-def machine_name() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} (cpu)"
+def machine_name(device: str) -> str:
+    where = "cpu"
+    if device == "cuda":
+        where = torch.cuda.get_device_name(0)
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({where})"
 
 
 def _int_list(text: str) -> list[int]:
@@ -293,6 +376,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument(
+        "--random-model",
+        action="store_true",
+        help="serve a random model of SmolLM2-135M's shape on random ids",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="also serve the clients with one request per forward (the 1x1 arms)",
+    )
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
     if args.batch < 1 or args.seq < 2 or args.batches < 1 or args.warmup < 0:
@@ -302,24 +396,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"client counts {bad} must be >= 1 and divide B={args.batch}")
     if args.batch * args.seq > args.max_batch_tokens:
         p.error("--max-batch-tokens must be >= B x S so the server can batch a whole batch")
+    if args.random_model and args.model:
+        p.error("--random-model and --model exclude each other")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = machine_name()
+    with tempfile.TemporaryDirectory(prefix="sensai-bench-model-") as tmp:
+        if args.random_model:
+            print("saving a random SmolLM2-135M-shaped model ...", file=sys.stderr, flush=True)
+            args.model = save_random_model(tmp)
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    machine = machine_name(args.device)
     print(f"in-process ({machine}) ...", file=sys.stderr, flush=True)
     base, data = bench_in_process(args)
     rows = [base]
     for transport in args.transports:
-        proc, address = start_server(args, transport, max(args.clients))
-        try:
-            for clients in args.clients:
-                print(f"{transport}, {clients} client(s) ...", file=sys.stderr, flush=True)
-                rows.append(bench_served(args, transport, address, clients, data))
-        finally:
-            stop_server(proc)
-    checks = add_ratios(rows)
+        servers = [False] + ([True] if args.one_at_a_time else [])
+        for one_at_a_time in servers:
+            counts = [c for c in args.clients if c > 1 or not one_at_a_time]
+            if not counts:
+                continue
+            arm = f"{transport}/1x1" if one_at_a_time else transport
+            proc, address = start_server(args, transport, max(counts), one_at_a_time)
+            try:
+                for clients in counts:
+                    print(f"{arm}, {clients} client(s) ...", file=sys.stderr, flush=True)
+                    row = bench_served(args, transport, address, clients, data)
+                    rows.append({**row, "arm": arm})
+            finally:
+                stop_server(proc)
+    checks = add_ratios(rows, gpu=args.device == "cuda")
     print_table(rows, args, machine)
     if args.json:
         config = {k: v for k, v in vars(args).items() if k != "json"}
