@@ -95,7 +95,7 @@ def servers(tiny_model_dir: str) -> Iterator[dict[str, Server]]:
     started: dict[str, Server] = {}
     try:
         for kind in TRANSPORTS:
-            started[kind] = Server(tiny_model_dir, kind, wait=False)
+            started[kind] = Server(tiny_model_dir, kind, "--threads", "1", wait=False)
         for s in started.values():
             s.wait_ready()
         yield started
@@ -134,6 +134,7 @@ class TestServed:
         from sensai.service import DEFAULT_BATCH_WAIT
 
         assert info["batch_wait_ms"] == DEFAULT_BATCH_WAIT * 1e3  # the CLI's default
+        assert info["threads"] == 1  # --threads 1
         assert info["protocol_version"] == _core.PROTOCOL_VERSION
         assert info["model"]
 
@@ -207,6 +208,7 @@ def test_info_command_without_a_server_fails_with_one_line(short_tmp: str) -> No
         (["--max-elems", "-5"], "--max-elems"),
         (["--max-batch-tokens", "0"], "--max-batch-tokens"),
         (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
+        (["--threads", "0"], "--threads"),
         (["--format", "sampled", "--num-samples", "0"], "--num-samples"),
         (["--transport", "unix_socket", "--pipe-dir", "/tmp/x"], "--pipe-dir"),
     ],

@@ -172,6 +172,13 @@ def serve_options(f: Any) -> Any:
             "starts (never more than a fifth of a round's compute time; 0: off).",
         ),
         click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="CPU threads for the teacher's forward (torch.set_num_threads); default: "
+            "torch's choice, every core. Leave cores to a trainer on the same machine.",
+        ),
+        click.option(
             "--seed",
             type=click.IntRange(0, 2**64 - 1),
             default=None,
@@ -245,8 +252,13 @@ def run_serve(**kw: Any) -> None:
         raise click.ClickException(f"cannot open the {kind} transport: {e}") from None
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        import torch
+
         from .logits_server import TeacherLogitsServer
         from .service import TeacherService
+
+        if kw["threads"] is not None:
+            torch.set_num_threads(kw["threads"])
 
         try:
             teacher = TeacherLogitsServer(

@@ -190,6 +190,7 @@ class TeacherService:
             "protocol_version": int(_core.PROTOCOL_VERSION),
             "max_batch_tokens": self.max_batch_tokens,
             "batch_wait_ms": self.batch_wait * 1e3,
+            "threads": torch.get_num_threads(),
         }
 
     def _info_answer(self) -> tuple[str, int, Any]:
