@@ -236,7 +236,8 @@ class TeacherService:
             spent = time.monotonic() - t0
             avg = self._round_seconds
             self._round_seconds = spent if avg == 0 else 0.7 * avg + 0.3 * spent
-        self._served_last = {r.slot for r in valid}
+        # who to wait for next round: clients whose requests could share a batch
+        self._served_last = {r.slot for r in valid if not self._alone(r)}
         return taken
 
     def _take(
