@@ -453,6 +453,18 @@ def test_a_lone_client_or_a_gone_one_is_not_waited_for(full_teacher: Any) -> Non
             TeacherService(full_teacher, fake, batch_wait=bad)
 
 
+def test_a_client_whose_requests_run_alone_is_not_waited_for(tiny_teacher: Any) -> None:
+    """Seeded sampling requests run alone: a client sending them is not gathered for."""
+    a = _ids(1, 8)
+    fake = _Arrivals({0: [_Msg([a])], 1: [_Msg([a], tag=SEED_FLAG, value=3)]}, [])
+    service = TeacherService(tiny_teacher, fake, batch_wait=5.0)
+    service.serve_round([0, 1])
+    assert service.totals["batches"] == 2
+    fake.pending[0] = [_Msg([a])]
+    service.serve_round([0])
+    assert fake.waits == []
+
+
 def test_serve_forever_returns_after_stop(full_teacher: Any) -> None:
     from sensai.errors import TransportTimeout
 
