@@ -148,7 +148,9 @@ fn many_clients(kind: &str) {
     assert!(!path.exists(), "server must remove its files");
 }
 
-fn killed_client_frees_slot(kind: &str) {
+/// `pause`: how long the server stays away from its loop after the kill, so that the new
+/// client's hello is already there when the server learns that the old client is gone.
+fn killed_client_frees_slot(kind: &str, pause: Duration) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir
         .path()
@@ -160,6 +162,7 @@ fn killed_client_frees_slot(kind: &str) {
     holder.wait().expect("wait");
     // A new client gets the slot once the server has seen the old one go.
     let mut worker = spawn_child(kind, &path, "work");
+    std::thread::sleep(pause);
     let mut status = None;
     serve_until(srv.as_mut(), Duration::from_secs(30), |_| {
         status = worker.try_wait().expect("try_wait");
@@ -180,10 +183,20 @@ fn fifo_many_client_processes() {
 
 #[test]
 fn uds_killed_client_frees_slot() {
-    killed_client_frees_slot("uds");
+    killed_client_frees_slot("uds", Duration::ZERO);
 }
 
 #[test]
 fn fifo_killed_client_frees_slot() {
-    killed_client_frees_slot("fifo");
+    killed_client_frees_slot("fifo", Duration::ZERO);
+}
+
+#[test]
+fn uds_next_client_arrives_before_the_server_sees_the_last_go() {
+    killed_client_frees_slot("uds", Duration::from_millis(800));
+}
+
+#[test]
+fn fifo_next_client_arrives_before_the_server_sees_the_last_go() {
+    killed_client_frees_slot("fifo", Duration::from_millis(800));
 }

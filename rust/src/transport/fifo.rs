@@ -91,6 +91,9 @@ struct Slot {
     connected: bool,
     pending: VecDeque<Message>,
     unanswered: VecDeque<u64>,
+    /// Bumped whenever the slot's session (or its file descriptors) changes, so that a poll
+    /// event of the previous session is not applied to the next one.
+    generation: u64,
 }
 
 /// The server endpoint of the named-pipe transport.
@@ -208,6 +211,7 @@ impl FifoServer {
             connected: false,
             pending: VecDeque::new(),
             unanswered: VecDeque::new(),
+            generation: 0,
         })
     }
 
@@ -233,6 +237,7 @@ impl FifoServer {
         s.connected = false;
         s.pending.clear();
         s.unanswered.clear();
+        s.generation += 1;
         let (rq, rs) = (req_path(&dir, i), resp_path(&dir, i));
         if recreate {
             let _ = std::fs::remove_file(&rq);
@@ -268,6 +273,7 @@ impl FifoServer {
         s.pending.clear();
         s.unanswered.clear();
         s.connected = true;
+        s.generation += 1;
         s.reader.set_limits(limits);
         let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         let meta = Meta {
@@ -356,6 +362,12 @@ impl FifoServer {
     }
 
     fn pump(&mut self, wait: Duration) -> Result<()> {
+        let events = self.poll_events(wait)?;
+        self.apply_events(&events)
+    }
+
+    /// Poll every slot's FIFOs: `(slot, is_request_fifo, session generation, events)`.
+    fn poll_events(&mut self, wait: Duration) -> Result<Vec<(usize, bool, u64, PollFlags)>> {
         if self.closed {
             return Err(Error::Closed);
         }
@@ -364,7 +376,7 @@ impl FifoServer {
         for (i, s) in self.slots.iter().enumerate() {
             if s.pending.len() < MAX_PENDING {
                 fds.push(PollFd::new(&s.req, PollFlags::IN));
-                owners.push((i, true));
+                owners.push((i, true, s.generation));
             }
             if let Some(resp) = &s.resp {
                 let ev = if s.out.is_empty() {
@@ -373,17 +385,28 @@ impl FifoServer {
                     PollFlags::OUT
                 };
                 fds.push(PollFd::new(resp, ev));
-                owners.push((i, false));
+                owners.push((i, false, s.generation));
             }
         }
         poll_fds(&mut fds, wait)?;
-        let revents: Vec<PollFlags> = fds.iter().map(|f| f.revents()).collect();
-        drop(fds);
-        for (k, ev) in revents.iter().enumerate() {
-            if ev.is_empty() {
+        Ok(owners
+            .into_iter()
+            .zip(fds.iter().map(|f| f.revents()))
+            .filter(|(_, ev)| !ev.is_empty())
+            .map(|((i, is_req, generation), ev)| (i, is_req, generation, ev))
+            .collect())
+    }
+
+    /// Act on polled events, in order. Handling one event can end a session and start the
+    /// next (a hello read from the request FIFO), so each event is checked against the
+    /// session it was polled in.
+    fn apply_events(&mut self, events: &[(usize, bool, u64, PollFlags)]) -> Result<()> {
+        for &(i, is_req, generation, ev) in events {
+            if self.slots[i].generation != generation {
+                // Polled in a session that has since ended: a hang-up of the previous client's
+                // response FIFO must not end the session a new client just opened.
                 continue;
             }
-            let (i, is_req) = owners[k];
             if is_req {
                 self.service(i, true, false)?;
             } else if ev.intersects(PollFlags::ERR | PollFlags::HUP) && !ev.contains(PollFlags::OUT)
@@ -848,5 +871,83 @@ impl ClientEndpoint for FifoClient {
 impl Drop for FifoClient {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::no_interrupt;
+
+    fn connect(path: &Path) -> std::thread::JoinHandle<Result<FifoClient>> {
+        let p = path.to_path_buf();
+        std::thread::spawn(move || {
+            FifoClient::connect(
+                &p,
+                Some(0),
+                Some(Duration::from_secs(10)),
+                &mut no_interrupt(),
+            )
+        })
+    }
+
+    /// The server polls the last client's hang-up; before it acts on that poll, the next
+    /// client's hello arrives. The hello opens a new session, and the stale hang-up of the
+    /// old response FIFO must not end it (seen as a rare CI failure of the concurrent
+    /// leasing test: the new client's first request met "the server closed the connection").
+    #[test]
+    fn a_stale_hangup_does_not_end_the_next_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pipes");
+        let mut srv = FifoServer::bind(&path, 1, Limits::default()).expect("bind");
+        let first = connect(&path);
+        while !first.is_finished() {
+            srv.pump(Duration::from_millis(10)).expect("pump");
+        }
+        drop(first.join().expect("thread").expect("first client"));
+        let stale = loop {
+            let ev = srv.poll_events(Duration::from_millis(100)).expect("poll");
+            if ev
+                .iter()
+                .any(|&(_, req, _, e)| !req && e.intersects(PollFlags::ERR))
+            {
+                break ev;
+            }
+        };
+        let second = connect(&path);
+        // Wait for its hello to sit in the request FIFO, then act on the stale poll.
+        let start = std::time::Instant::now();
+        while rustix::io::ioctl_fionread(&srv.slots[0].req).expect("fionread") == 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "no hello came");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        srv.apply_events(&stale).expect("apply");
+        assert!(
+            srv.is_connected(0),
+            "the stale hang-up ended the new session"
+        );
+        while !second.is_finished() {
+            srv.pump(Duration::from_millis(10)).expect("pump");
+        }
+        let mut c = second.join().expect("thread").expect("second client");
+        let data = [7u8; 16];
+        let t = [TensorRef {
+            dtype: DType::UInt8,
+            shape: &[16],
+            data: &data,
+        }];
+        let timeout = Some(Duration::from_secs(10));
+        c.send(Meta::new(Kind::Request), &t, timeout, &mut no_interrupt())
+            .expect("send");
+        let got = loop {
+            let ready = srv.wait_any(timeout, &mut no_interrupt()).expect("wait");
+            if ready.contains(&0) {
+                break srv.recv(0).expect("recv").expect("a request");
+            }
+        };
+        srv.send(0, Meta::new(Kind::Response), &t).expect("answer");
+        assert_eq!(got.tensor_bytes(0).expect("tensor"), &data);
+        let answer = c.recv(timeout, &mut no_interrupt()).expect("the answer");
+        assert_eq!(answer.tensor_bytes(0).expect("tensor"), &data);
     }
 }
