@@ -40,6 +40,10 @@ def test_demo_distils_and_reports(tiny_model_dir: str, short_tmp: str) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "KL(teacher || student)" in done.stdout and "cross-entropy" in done.stdout
+    cores = len(os.sched_getaffinity(0))  # split between the teacher and the student
+    teacher = max(1, cores // 2)
+    student = max(1, cores - teacher)
+    assert f"{teacher} for the teacher, {student} for the student" in done.stdout
     assert "distilling" in done.stderr  # the progress bar
     assert (out / "curves.png").stat().st_size > 1000
     metrics = json.loads((out / "metrics.json").read_text())
