@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 
 import pytest
+
+from transport_helpers import KINDS, Procs
 
 
 @pytest.fixture
@@ -18,6 +21,28 @@ def short_tmp() -> Iterator[str]:
     d = tempfile.mkdtemp(prefix="sai-", dir="/tmp")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+# --- transports ---------------------------------------------------------------------------------
+# A test taking `kind` runs once per transport (a module may narrow it with its own fixture or a
+# parametrize); `path` is an endpoint path in a short directory; `procs` reaps child processes.
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def path(short_tmp: str) -> str:
+    return os.path.join(short_tmp, "ep")
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    g = Procs()
+    yield g
+    g.cleanup()
 
 
 # --- the tiny teacher model (tests/tiny_model.py) ----------------------------------------------

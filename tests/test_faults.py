@@ -27,7 +27,6 @@ from sensai import Client, wrap_collate_function
 from sensai.errors import PeerGoneError, SensAIError, TransportTimeout
 from transport_helpers import (
     BIG_REQUEST,
-    KINDS,
     MP,
     Procs,
     ServerThread,
@@ -41,16 +40,6 @@ from transport_helpers import (
 pytestmark = pytest.mark.timeout(120)
 
 KILLS = 100  # clients SIGKILLed per transport
-
-
-@pytest.fixture(params=KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def path(short_tmp: str) -> str:
-    return os.path.join(short_tmp, "ep")
 
 
 class FaultProcs(Procs):

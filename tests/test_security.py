@@ -17,7 +17,6 @@ import signal
 import socket
 import stat
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,8 +26,8 @@ import fault_helpers as fh
 from sensai.errors import RoleError, SensAIError
 from test_bad_input_matrix import RawSession, encode, error_of, good_request, put, split
 from transport_helpers import (
-    KINDS,
     MP,
+    Procs,
     ServerThread,
     answer_with,
     answer_with_slot,
@@ -41,26 +40,6 @@ from transport_helpers import (
 pytestmark = pytest.mark.timeout(60)
 
 NOBODY = 65534
-
-
-@pytest.fixture(params=KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def path(short_tmp: str) -> str:
-    return os.path.join(short_tmp, "ep")
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    items: list[Any] = []
-    yield items
-    for p in items:
-        if p.is_alive():
-            p.kill()
-        p.join(5)
 
 
 def _tree(root: str) -> dict[str, int]:
@@ -182,18 +161,14 @@ def test_fifo_planted_in_the_pipe_directory_is_replaced(path: str, short_tmp: st
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
 def test_unix_socket_refuses_another_uid_even_with_open_modes(
-    path: str, short_tmp: str, procs: list[Any]
+    path: str, short_tmp: str, procs: Procs
 ) -> None:
     server = make_server("unix_socket", path, 2)
     with ServerThread(server, answer_with(double)):
         os.chmod(short_tmp, 0o755)
         os.chmod(path, 0o666)  # only SO_PEERCRED stands in the way now
         mine, theirs = MP.Pipe()
-        p = MP.Process(
-            target=other_user_connect, args=("unix_socket", path, NOBODY, theirs), daemon=True
-        )
-        p.start()
-        procs.append(p)
+        procs.start(other_user_connect, "unix_socket", path, NOBODY, theirs)
         theirs.close()
         assert mine.poll(20)
         res = mine.recv()
@@ -239,7 +214,7 @@ def _lease_and_check(kind: str, path: str, seed: int, rounds: int, conn: Any) ->
 
 
 def test_clients_only_see_their_own_slot_under_concurrent_leasing(
-    kind: str, path: str, procs: list[Any]
+    kind: str, path: str, procs: Procs
 ) -> None:
     """8 processes lease, use and give back the 8 slots 6 times each, all at once."""
     server = make_server(kind, path, 8, max_nbytes=1 << 20)
@@ -247,9 +222,7 @@ def test_clients_only_see_their_own_slot_under_concurrent_leasing(
         pipes = []
         for seed in range(8):
             mine, theirs = MP.Pipe()
-            p = MP.Process(target=_lease_and_check, args=(kind, path, seed, 6, theirs), daemon=True)
-            p.start()
-            procs.append(p)
+            procs.start(_lease_and_check, kind, path, seed, 6, theirs)
             theirs.close()
             pipes.append(mine)
         for mine in pipes:
@@ -312,14 +285,12 @@ def _vm_hwm_kib(pid: int) -> int:
 
 
 @pytest.mark.parametrize("kind", ["unix_socket", "named_pipe"])
-def test_hostile_sizes_in_a_header_allocate_nothing(kind: str, path: str, procs: list[Any]) -> None:
+def test_hostile_sizes_in_a_header_allocate_nothing(kind: str, path: str, procs: Procs) -> None:
     """Headers claiming 1 TiB, 2^63 bytes or just over the limit are refused with the limit
     in the error, and the server's peak memory does not grow by more than a few MiB."""
     limit = 1 << 20
     ready = MP.Event()
-    server = MP.Process(target=fh.serve_process, args=(kind, path, 2, ready, limit), daemon=True)
-    server.start()
-    procs.append(server)
+    server = procs.start(fh.serve_process, kind, path, 2, ready, limit)
     assert ready.wait(30)
     with make_client(kind, path) as c:  # warm up: the server's normal working set
         for _ in range(3):

@@ -68,23 +68,6 @@ MP_SPAWN = multiprocessing.get_context("spawn")  # direct children, for waitpid
 # --- fixtures --------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def path(short_tmp: str) -> str:
-    return os.path.join(short_tmp, "ep")
-
-
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    g = Procs()
-    yield g
-    g.cleanup()
-
-
 def recv_within(conn: Any, timeout: float) -> Any:
     assert conn.poll(timeout), f"no message from the child process within {timeout}s"
     return conn.recv()
