@@ -14,6 +14,8 @@ import json
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -424,3 +426,21 @@ def test_seed_two_tensor_and_single_answers() -> None:
     assert b2["teacher_logits_indices"].shape == (1, 2, 3) and "teacher_logits_values" in b2
     b1 = wrap_collate_function(_collate, One(), teacher_logits_attribute="t")(items)
     assert b1["t"].shape == (1, 2, 50)
+
+
+def test_transport_users_do_not_import_torch() -> None:
+    """The transports, the seed's server and client, `Client` and the collate wrapper need only
+    numpy: importing them must not pay torch's seconds and hundreds of MB; `TeacherOutput`
+    brings it in."""
+    code = (
+        "import sys, sensai\n"
+        "from sensai import Client, SensAIClient, SensAIServer, wrap_collate_function, connect\n"
+        "from sensai.transports import named_pipe, shared_memory, unix_socket\n"
+        "from sensai.utils import create_transport\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "from sensai import TeacherOutput\n"
+        "assert 'torch' in sys.modules and TeacherOutput.__module__ == 'sensai.formats'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

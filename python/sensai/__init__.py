@@ -1,6 +1,14 @@
-"""SensAI: serve a teacher model's sampled logits to distillation students over local IPC."""
+"""SensAI: serve a teacher model's sampled logits to distillation students over local IPC.
+
+Importing the package does not import torch (about 3 s and 650 MB): the transports, the
+seed's server and client and the collate wrapper need only numpy. ``TeacherOutput`` (and
+everything that builds one: `Client.get_teacher_logits`, the teacher, the losses) brings torch
+in on first use.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from . import _core
 from .client import Client, SensAIClient
@@ -16,7 +24,6 @@ from .errors import (
     SensAIError,
     TransportTimeout,
 )
-from .formats import TeacherOutput
 from .server import SensAIServer
 from .transports import (
     NamedPipeClient,
@@ -30,6 +37,9 @@ from .transports import (
     create_transport,
 )
 from .utils import wrap_collate_function
+
+if TYPE_CHECKING:
+    from .formats import TeacherOutput
 
 __version__ = _core.__version__
 PROTOCOL_VERSION = _core.PROTOCOL_VERSION
@@ -62,3 +72,12 @@ __all__ = [
     "PROTOCOL_VERSION",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``sensai.TeacherOutput`` imports `sensai.formats` (and torch) on first access."""
+    if name == "TeacherOutput":
+        from .formats import TeacherOutput
+
+        return TeacherOutput
+    raise AttributeError(f"module 'sensai' has no attribute {name!r}")

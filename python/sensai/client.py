@@ -13,13 +13,15 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ClosedError, ProtocolError
-from .formats import TeacherOutput, format_name
 from .transports import connect, parse_address
+
+if TYPE_CHECKING:  # formats imports torch; a transport-only user never needs it
+    from .formats import TeacherOutput
 
 __all__ = ["Client", "SensAIClient", "INFO_TAG", "SEED_FLAG"]
 
@@ -269,6 +271,8 @@ class Client:
         ep = self._ep()
         with self._lock:
             msg = ep.request_message(tensors, tag=tag, value=value, timeout=self._timeout(timeout))
+        from .formats import TeacherOutput, format_name
+
         fmt = format_name(msg.tag)
         if copy is None:
             copy = self._kind == "shared_memory"
