@@ -11,10 +11,14 @@ mask. Any other request is answered with its tensors doubled, and ``[BIG_REQUEST
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -165,6 +169,64 @@ def wait_until(pred: Any, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
+# --- a tiny filesystem of our own ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(target: str, options: str) -> Iterator[str]:
+    """A tmpfs mounted on the existing directory ``target`` (mount(2) options such as
+    ``size=64k,nr_inodes=32``), unmounted on exit. Skips the test where mounting is not
+    permitted (not root, or no CAP_SYS_ADMIN, e.g. an unprivileged container)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); this test runs as a user")
+    libc = ctypes.CDLL(None, use_errno=True)
+    opts = f"mode=0700,{options}".encode()
+    if libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0, opts) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EPERM, errno.EACCES):
+            pytest.skip(
+                f"mount -t tmpfs is not permitted here ({os.strerror(err)}): no CAP_SYS_ADMIN"
+            )
+        raise OSError(err, f"mount -t tmpfs -o {opts.decode()} {target}: {os.strerror(err)}")
+    try:
+        yield target
+    finally:
+        if libc.umount2(target.encode(), 0) != 0:
+            libc.umount2(target.encode(), 2)  # MNT_DETACH: a file still open there
+
+
+def fill_space(directory: str) -> str:
+    """Write a file in ``directory`` until its filesystem is full (ENOSPC); its path."""
+    path = os.path.join(directory, "filler")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return path
+
+
+def fill_inodes(directory: str) -> list[str]:
+    """Create empty files in ``directory`` until its filesystem has no inode left; their
+    paths."""
+    made: list[str] = []
+    while True:
+        p = os.path.join(directory, f"filler{len(made)}")
+        try:
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            return made
+        made.append(p)
+
+
 __all__ = [
     "INFO_TAG",
     "FULL_TAG",
@@ -172,10 +234,13 @@ __all__ = [
     "SensAIError",
     "address",
     "answer",
+    "fill_inodes",
+    "fill_space",
     "full_logits",
     "info",
     "make_client",
     "make_server",
+    "mounted_tmpfs",
     "serve_process",
     "victim_client",
     "wait_until",

@@ -9,9 +9,11 @@ is a bound ("within its timeout plus one second").
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import resource
+import shutil
 import signal
 import threading
 import time
@@ -410,9 +412,10 @@ def _start_with_fsize_limit(kind: str, path: str, limit: int, conn: Any) -> None
         conn.send((type(e).__name__, str(e)))
 
 
-def test_disk_full_at_start(kind: str, path: str, short_tmp: str, procs: FaultProcs) -> None:
-    """No file may grow (RLIMIT_FSIZE = 0): writing the lock file's pid, or reserving the
-    shared-memory file, fails. The error says so and nothing is left behind."""
+def test_file_size_limit_at_start(kind: str, path: str, short_tmp: str, procs: FaultProcs) -> None:
+    """No file may grow (RLIMIT_FSIZE, "File too large"; a full device is the test below):
+    writing the lock file's pid, or reserving the shared-memory file, fails. The error says
+    so and nothing is left behind."""
     # Shared memory: a limit above the lock file's few bytes, so that reserving fails.
     limit = 1 << 20 if kind == "shared_memory" else 0
     mine, theirs = MP.Pipe()
@@ -423,6 +426,93 @@ def test_disk_full_at_start(kind: str, path: str, short_tmp: str, procs: FaultPr
     assert name != "started"
     assert "File too large" in text, (name, text)
     assert os.listdir(short_tmp) == []
+
+
+class LeftBehind(AssertionError):
+    """A server that failed to start left files behind."""
+
+
+def _sweep_full_device(
+    kind: str, mnt: str, free_one_more: Any, tries: int
+) -> tuple[int | None, list[str], list[str]]:
+    """Start a server in ``mnt`` (a full filesystem), freeing one more unit (a page or an
+    inode) before each further try, until one starts or ``tries`` failed, so that each try
+    fails one creation step later. Every failure must name the directory and say the device
+    is full. Returns the try that started (None if none did), the error texts and what the
+    failed tries left behind (removed, so that the next try starts clean)."""
+    path = os.path.join(mnt, "ep")
+    texts: list[str] = []
+    left: list[str] = []
+    for i in range(tries):
+        if i:
+            free_one_more()
+        before = set(os.listdir(mnt))
+        try:
+            server = make_server(kind, path, 2, max_nbytes=1 << 16)
+        except (SensAIError, OSError) as e:
+            text = str(e)
+            texts.append(text)
+            assert mnt + "/" in text, f"try {i}: the error does not name {mnt}: {text}"
+            if "for the shared-memory file" in text:  # the space check before reserving
+                assert f"for the shared-memory file {path}: " in text, text
+                assert "free there" in text and "enlarge the filesystem" in text, text
+            else:
+                assert isinstance(e, OSError) and e.errno == errno.ENOSPC, f"try {i}: {e!r}"
+                assert "No space left on device" in text, f"try {i}: {text}"
+            extra = sorted(set(os.listdir(mnt)) - before)
+            if extra:
+                inside = {n: os.listdir(os.path.join(mnt, n)) for n in extra
+                          if os.path.isdir(os.path.join(mnt, n))}  # fmt: skip
+                left.append(f"try {i} ({text}) left {extra} {inside}")
+                for n in extra:
+                    p = os.path.join(mnt, n)
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+            continue
+        server.close()
+        assert set(os.listdir(mnt)) == before, "a closed server left files behind"
+        return i, texts, left
+    return None, texts, left
+
+
+@pytest.mark.parametrize("full", ["space", "inodes"])
+def test_device_full_at_start(kind: str, short_tmp: str, full: str) -> None:
+    """A real full device (ENOSPC): a tmpfs of 64 KiB filled with a file, or one whose
+    inodes are all taken. One page or inode is freed per try, so every creation step of
+    the server (lock file, directory, temporary names, socket, FIFOs, the shared-memory
+    file) meets the full device in turn: each try fails with an error that names the path
+    and says the device is full, and leaves nothing behind; the server starts once there is
+    room. Skipped where mounting is not permitted."""
+    mnt = os.path.join(short_tmp, "mnt")
+    os.mkdir(mnt)
+    with fh.mounted_tmpfs(mnt, "size=64k" if full == "space" else "size=1m,nr_inodes=32"):
+        if full == "space":
+            filler = fh.fill_space(mnt)
+
+            def free_one_more() -> None:
+                os.truncate(filler, max(os.path.getsize(filler) - 4096, 0))
+
+            started, texts, left = _sweep_full_device(kind, mnt, free_one_more, 3)
+        else:
+            fillers = fh.fill_inodes(mnt)
+            started, texts, left = _sweep_full_device(
+                kind, mnt, lambda: os.unlink(fillers.pop()), 12
+            )
+    assert os.listdir(mnt) == []  # unmounted
+    if full == "space" and kind == "shared_memory":
+        # 0.5 MiB never fits in 64 KiB: the lock file fails first, then the space check
+        assert started is None and "No space left" in texts[0], texts
+        assert all("for the shared-memory file" in t for t in texts[1:]), texts
+    else:
+        assert started is not None and started >= 1, (started, texts)
+    print(
+        f"{kind} {full}: {len(texts)} failed starts, then {'-' if started is None else 'started'}"
+    )
+    if left:
+        if kind == "named_pipe" and all("slot" in e for e in left):
+            # Known: FifoServer::close removes only the slots it finished creating, so the
+            # FIFOs of a half-made slot, and the pipe directory with them, stay.
+            pytest.xfail("named pipes leave a half-made slot behind:\n" + "\n".join(left))
+        raise LeftBehind("\n".join(left))
 
 
 def test_shared_memory_larger_than_dev_shm(short_tmp: str) -> None:
