@@ -221,6 +221,15 @@ def test_server_killed_mid_response(
         assert t1 - max(t0, killed_at) <= bound, f"{type(e).__name__} after {t1 - t0:.2f}s"
         if timeout is not None:
             assert t1 - t0 <= bound
+    # The README's figure (pytest -s): each client's time from the kill to its error.
+    errors = sorted((t1 - killed_at, type(e).__name__) for _, t1, e, _ in results)
+    names = "/".join(sorted({n for _, n in errors}))
+    arm = f"timeout {timeout:.0f} s" if timeout is not None else "no timeout"
+    bound_text = f"{timeout:.0f}+1 s" if timeout is not None else "5+1 s after the kill"
+    print(
+        f"\nFIGURE server-kill {kind} ({arm}): {len(errors)} clients, {names} "
+        f"{', '.join(f'{dt:.3f}' for dt, _ in errors)} s after the kill (bound: {bound_text})"
+    )
 
 
 def test_collate_wrapper_warns_and_continues_when_the_server_dies_mid_response(
@@ -340,6 +349,9 @@ def test_stopped_client_with_a_large_answer_does_not_hold_up_the_others(
         try:
             for s in others:
                 s.wait_for_more_than(50)
+            # Still stopped: the answers above came while it held its 32 MiB unread.
+            assert _stopped(a.pid)
+            counts = [s.done for s in others]
         finally:
             os.kill(a.pid, signal.SIGCONT)
             for s in others:
@@ -348,6 +360,12 @@ def test_stopped_client_with_a_large_answer_does_not_hold_up_the_others(
         assert mine.recv() == ("ok",)
         a.join(10)
         assert a.exitcode == 0
+    # The README's figure (pytest -s).
+    print(
+        f"\nFIGURE sigstop {kind}: while a client stood stopped with a 32 MiB answer unread, "
+        f"the {len(counts)} other clients got {' and '.join(map(str, counts))} answers "
+        "(64 KiB each, all correct); the stopped one got its whole answer after SIGCONT"
+    )
 
 
 def _stopped(pid: int) -> bool:
