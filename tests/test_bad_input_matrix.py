@@ -2,9 +2,10 @@
 server still answers the next good request.
 
 * Teacher rows go through the real `TeacherService` over the tiny model, on every transport.
-* Frame rows write bytes straight to a live server after the handshake (docs/PROTOCOL.md
-  §13): Unix socket and named pipes. (Shared memory has no byte stream to write into: its
-  frames go through the same decoder, `frame::decode`, from the slot's ring buffers.)
+* Frame rows write bytes straight to a live server: after the handshake (docs/PROTOCOL.md
+  §13) on the Unix socket and the named pipes, and into a leased slot's request ring on
+  shared memory (``shm_raw``: the buffer is published as a client's send does), on every
+  transport.
 * Connection rows: slots, paths and files that are not what a client or server expects.
 """
 
@@ -35,7 +36,8 @@ from sensai.errors import (
     SensAIError,
 )
 from sensai.service import TeacherService
-from sensai.transports import connect, create_transport, format_address
+from sensai.transports import connect, create_transport, format_address, parse_address
+from shm_raw import ShmFile
 from transport_helpers import KINDS, ServerThread, answer_with, double, make_client, make_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -251,6 +253,33 @@ class RawSession:
                 os.close(fd)
 
 
+def raw_request_error(kind: str, path: str, make: Callable[[int], bytes]) -> tuple[int, str, int]:
+    """Write the bytes ``make(slot)`` to a live server as a request on a slot of our own,
+    and return ``(code, message, slot)`` of the error frame that answers it.
+
+    Stream transports: in a raw session after the handshake; the server answers with one
+    error frame not attributed to a request (request id 0) and ends the session. Shared
+    memory: into the slot's request ring, the slot leased by a real client, which then
+    reads the server's answer from the response ring (and is closed: it did not count the
+    request it did not send)."""
+    if kind == "shared_memory":
+        c = make_client(kind, path, None, connect_timeout=10)
+        try:
+            with ShmFile(path) as f:
+                f.publish_raw(c.slot_id, bytes(make(c.slot_id)))
+            with pytest.raises(RemoteError) as ei:
+                c._core.recv(timeout=IO_TIMEOUT)  # the raw answer: no request is counted
+            return ei.value.code, ei.value.message, c.slot_id
+        finally:
+            c.close()
+    raw = RawSession(kind, path)
+    raw.write(make(raw.slot))
+    frames = split(raw.finish())  # the server answers, then ends the session
+    assert len(frames) == 1, frames
+    assert struct.unpack_from("<Q", frames[0], 8)[0] == 0  # not attributed to a request
+    return *error_of(frames[0]), raw.slot
+
+
 # --- the rows -------------------------------------------------------------------------------------
 
 
@@ -341,6 +370,34 @@ def test_request_over_the_slots_capacity(service: str) -> None:
     assert_teacher_answers(service)
 
 
+# A request over the limit that reaches the server (the client above refuses it before
+# sending): its payload is over max_nbytes, or its header claims more than any frame may be.
+RAW_OVERSIZED: list[tuple[str, Callable[[int], bytes], str]] = [
+    (
+        "payload over the limit",
+        lambda s: encode(1, [np.arange(513, dtype=np.int64)[None] % 300], slot=s),
+        "payload bytes is 4104, over the limit of 4096",
+    ),  # fmt: skip
+    (
+        "header claims 1 TiB",
+        lambda s: put(encode(1, [np.ones((1, 5), np.int64)], slot=s), "<Q", 24, 1 << 40),
+        "total_len is 1099511627776, over the limit of 5376",
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(
+    "make, text", [r[1:] for r in RAW_OVERSIZED], ids=[r[0] for r in RAW_OVERSIZED]
+)
+def test_raw_request_over_the_slots_capacity(
+    service: str, make: Callable[[int], bytes], text: str
+) -> None:
+    kind, path = parse_address(service)
+    code, message, _ = raw_request_error(kind, path, make)
+    assert code == CODES["PROTOCOL"] and text in message, (code, message)
+    assert_teacher_answers(service)
+
+
 def test_response_over_the_slots_capacity(service: str) -> None:
     # 40 tokens fit (320 bytes) but their answer, 39 positions x 16 samples x 12 bytes, not
     with connect(service, connect_timeout=10) as c:
@@ -396,9 +453,7 @@ FRAME_ROWS: list[tuple[str, Callable[[int], bytes], str]] = [
 STREAM_KINDS = ["unix_socket", "named_pipe"]
 
 
-@pytest.fixture(params=STREAM_KINDS)
-def doubling(request: pytest.FixtureRequest, short_tmp: str) -> Iterator[tuple[str, str]]:
-    kind = request.param
+def _doubling_server(kind: str, short_tmp: str) -> Iterator[tuple[str, str]]:
     path = os.path.join(short_tmp, "ep")
     server = make_server(kind, path, 2, max_nbytes=1 << 20)
     with ServerThread(server, answer_with(double)):
@@ -406,8 +461,18 @@ def doubling(request: pytest.FixtureRequest, short_tmp: str) -> Iterator[tuple[s
     server.close()
 
 
-def assert_doubling_answers(kind: str, path: str) -> None:
-    with make_client(kind, path, None, connect_timeout=10) as c:
+@pytest.fixture(params=KINDS)
+def doubling(request: pytest.FixtureRequest, short_tmp: str) -> Iterator[tuple[str, str]]:
+    yield from _doubling_server(request.param, short_tmp)
+
+
+@pytest.fixture(params=STREAM_KINDS)
+def doubling_stream(request: pytest.FixtureRequest, short_tmp: str) -> Iterator[tuple[str, str]]:
+    yield from _doubling_server(request.param, short_tmp)
+
+
+def assert_doubling_answers(kind: str, path: str, slot: int | None = None) -> None:
+    with make_client(kind, path, slot, connect_timeout=10) as c:
         x = np.arange(10, dtype=np.float32)
         np.testing.assert_array_equal(c.request(x, timeout=10), 2 * x)
 
@@ -415,19 +480,15 @@ def assert_doubling_answers(kind: str, path: str) -> None:
 @pytest.mark.parametrize("make, text", [r[1:] for r in FRAME_ROWS], ids=[r[0] for r in FRAME_ROWS])
 def test_bad_frame(doubling: tuple[str, str], make: Callable[[int], bytes], text: str) -> None:
     kind, path = doubling
-    raw = RawSession(kind, path)
-    raw.write(make(raw.slot))
-    frames = split(raw.finish())  # the server answers, then ends the session
-    assert len(frames) == 1, frames
-    code, message = error_of(frames[0])
+    code, message, slot = raw_request_error(kind, path, make)
     assert code == CODES["PROTOCOL"] and text in message, (code, message)
-    assert struct.unpack_from("<Q", frames[0], 8)[0] == 0  # not attributed to a request
+    assert_doubling_answers(kind, path, slot)  # the same slot serves the next client
     assert_doubling_answers(kind, path)
 
 
-def test_frame_cut_short_by_the_client(doubling: tuple[str, str]) -> None:
+def test_frame_cut_short_by_the_client(doubling_stream: tuple[str, str]) -> None:
     """Half a frame, then the client hangs up: the server drops it silently."""
-    kind, path = doubling
+    kind, path = doubling_stream
     raw = RawSession(kind, path)
     raw.write(good_request(raw.slot)[:100])
     assert raw.finish(shutdown=True) == b""
@@ -490,6 +551,66 @@ def _fake_server_of_version(path: str, version: int) -> threading.Thread:
     return t
 
 
+def _fake_pipe_server_of_version(path: str, version: int) -> threading.Thread:
+    """A pipe directory (docs/PROTOCOL.md §13.4: 0700, FIFOs and lock files 0600, our pid
+    in server.lock) whose one slot answers a HELLO with a HELLO_ACK of another protocol
+    version."""
+    os.mkdir(path, 0o700)
+
+    def make(name: str, fifo: bool = False) -> str:
+        p = os.path.join(path, name)
+        if fifo:
+            os.mkfifo(p, 0o600)
+        else:
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.chmod(p, 0o600)  # whatever the umask
+        return p
+
+    with open(make("server.lock"), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    make("slot0.lock")
+    req, resp = make("slot0.req", fifo=True), make("slot0.resp", fifo=True)
+    # Held open for reading from the start, as the server does: a client's non-blocking
+    # open for writing fails with ENXIO without a reader.
+    rfd = os.open(req, os.O_RDONLY | os.O_NONBLOCK)
+
+    def read_some(deadline: float) -> bytes | None:
+        """Bytes from the client; b"" once it hung up; None at the deadline."""
+        while time.monotonic() < deadline:
+            if select.select([rfd], [], [], 0.05)[0]:
+                try:
+                    return os.read(rfd, 1 << 16)
+                except BlockingIOError:
+                    pass
+        return None
+
+    def serve() -> None:
+        deadline = time.monotonic() + IO_TIMEOUT
+        wfd = -1
+        try:
+            hello = b""
+            while len(hello) < 64:
+                chunk = read_some(deadline)
+                if not chunk:
+                    return
+                hello += chunk
+            rid = struct.unpack_from("<Q", hello, 8)[0]
+            limits = np.array([1, 8, 8, 1 << 20, os.getpid()], np.uint64)
+            ack = put(encode(4, [limits], request_id=rid, tag=2), "<H", 4, version)
+            wfd = os.open(resp, os.O_WRONLY | os.O_NONBLOCK)  # the client reads it already
+            os.write(wfd, ack)
+            while read_some(deadline):  # until the client hangs up
+                pass
+        finally:
+            if wfd >= 0:
+                os.close(wfd)
+            os.close(rfd)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
 def test_client_attaching_to_another_protocol_version(live: tuple[str, str]) -> None:
     kind, path = live
     other = path + "-v2"
@@ -500,12 +621,14 @@ def test_client_attaching_to_another_protocol_version(live: tuple[str, str]) -> 
         with open(other, "wb") as f:
             f.write(data)
         text = "layout version 99"
-    elif kind == "unix_socket":
-        _fake_server_of_version(other, 2)
-        text = "unsupported protocol version 2 (this build speaks version 1)"
     else:
-        pytest.skip("a fake named-pipe server of another version is the socket case's twin")
+        fake = _fake_server_of_version if kind == "unix_socket" else _fake_pipe_server_of_version
+        fake_thread = fake(other, 2)
+        text = "unsupported protocol version 2 (this build speaks version 1)"
     with pytest.raises(ProtocolError) as ei:
         make_client(kind, other, None, connect_timeout=5)
     assert text in str(ei.value), str(ei.value)
+    if kind != "shared_memory":
+        fake_thread.join(IO_TIMEOUT)  # it saw the client hang up
+        assert not fake_thread.is_alive()
     assert_doubling_answers(kind, path)
