@@ -136,14 +136,17 @@ def victim_client(kind: str, path: str, seed: int, report_dir: str, connected: A
             f.write(f"{type(e).__name__}: {e}")
 
 
-def steady_client(kind: str, path: str, done: Any, stop: Any, report_dir: str) -> None:
-    """Send distinct requests and check every answer until ``stop``; counts answers in
-    ``done`` (a shared integer) and writes ``<report_dir>/fail-steady`` on any error."""
+def steady_client(
+    kind: str, path: str, done: Any, stop: Any, report_dir: str, slot: int = 0
+) -> None:
+    """On ``slot``, send distinct requests and check every answer until ``stop``; counts
+    answers in ``done`` (a shared integer) and writes ``<report_dir>/fail-steady<slot>`` on
+    any error."""
     try:
-        with make_client(kind, path, 0, connect_timeout=20.0) as c:
+        with make_client(kind, path, slot, connect_timeout=20.0) as c:
             i = 0
             while not stop.is_set():
-                x = np.arange(1000, dtype=np.float64) + i
+                x = np.arange(1000, dtype=np.float64) + i + slot * 1e6
                 out = c.request(x, timeout=30)
                 if not np.array_equal(out, 2 * x):
                     raise AssertionError(f"wrong answer for request {i}")
@@ -152,7 +155,7 @@ def steady_client(kind: str, path: str, done: Any, stop: Any, report_dir: str) -
                     done.value = i
                 stop.wait(0.002)  # pace: leave the CPU to the clients being killed
     except BaseException as e:  # noqa: BLE001 - reported to the parent through a file
-        with open(os.path.join(report_dir, "fail-steady"), "w") as f:
+        with open(os.path.join(report_dir, f"fail-steady{slot}"), "w") as f:
             f.write(f"{type(e).__name__}: {e}")
 
 

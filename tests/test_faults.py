@@ -111,23 +111,37 @@ class Steady:
 # --- clients killed -----------------------------------------------------------------------------
 
 
+STEADY = 2  # clients that keep going while the others are killed
+
+
 def test_client_killed_mid_request_many_times(
     kind: str, path: str, short_tmp: str, procs: FaultProcs
 ) -> None:
     """KILLS clients SIGKILLed at random moments (connecting, sending, being answered) while
-    another client keeps going: it gets every answer right, the server never fails, and the
-    dead clients' slot is leased again by the next one each time."""
+    STEADY other clients keep going: they get every answer right and keep being answered,
+    the server never fails, and the dead clients' slot is leased again by the next one each
+    time."""
     reports = os.path.join(short_tmp, "reports")
     os.mkdir(reports)
-    server = procs.server(kind, path, 2)
-    done, stop = MP.Value("q", 0), MP.Event()
-    steady = procs.start(fh.steady_client, kind, path, done, stop, reports)  # holds slot 0
-    fh.wait_until(lambda: done.value > 0 or os.listdir(reports), 30, "the steady client")
+    server = procs.server(kind, path, STEADY + 1)
+    stop = MP.Event()
+    done = [MP.Value("q", 0) for _ in range(STEADY)]
+    steady = [  # slots 0..STEADY-1
+        procs.start(fh.steady_client, kind, path, done[k], stop, reports, k) for k in range(STEADY)
+    ]
+
+    def progress(since: list[int]) -> bool:
+        """Every steady client got more answers than ``since`` (or something failed: the
+        failure is reported below). Victims' "ok-" reports do not count."""
+        moved = all(d.value > n for d, n in zip(done, since, strict=True))
+        return moved or any(n.startswith("fail-") for n in os.listdir(reports))
+
+    fh.wait_until(lambda: progress([0] * STEADY), 30, "the steady clients")
     rng = random.Random(7)
-    checkpoint = done.value
+    checkpoint = [d.value for d in done]
     for i in range(KILLS):
         connected = MP.Event()
-        p = procs.start(fh.victim_client, kind, path, i, reports, connected)  # slot 1
+        p = procs.start(fh.victim_client, kind, path, i, reports, connected)  # slot STEADY
         # One in ten is killed whenever it is (often while connecting); the others at a
         # random moment of their requests (a random delay, not a synchronisation).
         if i % 10:
@@ -135,11 +149,9 @@ def test_client_killed_mid_request_many_times(
         time.sleep(rng.uniform(0.0, 0.05))
         _kill(p)
         procs.items.remove(p)
-        if i % 25 == 24:  # liveness: the other client kept being answered meanwhile
-            fh.wait_until(
-                lambda c=checkpoint: done.value > c or os.listdir(reports), 30, "progress"
-            )
-            checkpoint = done.value
+        if i % 25 == 24:  # liveness: every other client kept being answered meanwhile
+            fh.wait_until(lambda c=checkpoint: progress(c), 30, "progress of every client")
+            checkpoint = [d.value for d in done]
     assert server.is_alive()
     names = os.listdir(reports)
     fails = {n: open(os.path.join(reports, n)).read() for n in names if n.startswith("fail-")}
@@ -147,21 +159,24 @@ def test_client_killed_mid_request_many_times(
     answered = sum(n.startswith("ok-") for n in names)
     # The dead clients' slot: explicitly, and leased, it works at once.
     x = np.arange(100_000, dtype=np.float64)
-    with make_client(kind, path, 1, connect_timeout=10) as c:
+    with make_client(kind, path, STEADY, connect_timeout=10) as c:
         np.testing.assert_array_equal(c.request(x, timeout=10), 2 * x)
     with make_client(kind, path, None, connect_timeout=10) as c:
-        assert c.slot_id == 1
+        assert c.slot_id == STEADY
         np.testing.assert_array_equal(c.request(x, timeout=10), 2 * x)
     stop.set()
-    steady.join(30)
-    assert steady.exitcode == 0
+    for p in steady:
+        p.join(30)
+        assert p.exitcode == 0
     assert not [n for n in os.listdir(reports) if n.startswith("fail-")]
     # Most victims were killed mid-conversation (after at least one answer); each of those
     # leased the slot the previous victim died holding.
     assert answered >= KILLS // 4, f"only {answered}/{KILLS} victims got an answer before dying"
+    counts = " and ".join(str(d.value) for d in done)
     print(
-        f"{kind}: {KILLS} clients killed ({answered} after their first answer); "
-        f"{done.value} answers to the other client, all correct"
+        f"\nFIGURE client-kill {kind}: {KILLS} clients SIGKILLed ({answered} after their first "
+        f"answer); the {STEADY} other clients got {counts} answers, all correct; the dead "
+        "clients' slot served at once"
     )
 
 
