@@ -1,18 +1,34 @@
 //! Lock files: the server's ownership of a path and clients' slot leases.
 //!
 //! Both use `flock(2)`, which the kernel releases when the holder dies, so a crashed
-//! server or client never leaves a lock behind. Files are created 0600 with `O_NOFOLLOW`
-//! so a planted symlink cannot redirect them.
+//! server or client never leaves a lock behind. A lock file outlives a server killed with
+//! SIGKILL, and the next server reuses it (the free flock says that its writer is gone), so
+//! a file that is already there is not refused as such. What makes reuse safe:
+//!
+//! * `O_NOFOLLOW`: a symlink planted at the path is refused, never followed;
+//! * a new file is created with `O_EXCL`, mode 0600;
+//! * an existing one is `fstat`ed after opening and before anything is done with it: one
+//!   that is not a regular file (a FIFO, a directory, ...) or that belongs to another user is
+//!   refused and left exactly as it was (not locked, not written, not removed). Another user
+//!   could otherwise hold a flock on it to block the server, or rewrite the pid in it.
+//! * a server that takes the lock on a file of its own with another mode than 0600 sets 0600
+//!   (`fchmod`): the file is ours, reuse is what stale lock files are for, and only our own
+//!   user can have widened it. A client (which never changes the server's files) refuses a
+//!   lease file that others may write to instead.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{File, Metadata, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{flock, FlockOperation};
+use rustix::fs::{flock, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::error::{Error, IoContext, Result};
+use crate::transport::check_private;
+
+/// The mode of every lock file.
+const LOCK_MODE: u32 = 0o600;
 
 /// An exclusively held lock file.
 #[derive(Debug)]
@@ -21,29 +37,106 @@ pub(crate) struct LockFile {
     path: PathBuf,
 }
 
-fn open_lock(path: &Path, create: bool) -> Result<File> {
-    let mut o = OpenOptions::new();
-    o.read(true).write(true).mode(0o600);
-    if create {
-        o.create(true);
+/// What a file type is, for an error message.
+fn kind_name(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
     }
-    o.custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32)
-        .open(path)
-        .at("cannot open lock file", path)
+}
+
+fn not_regular(path: &Path, kind: &str) -> Error {
+    Error::Io {
+        context: format!(
+            "lock file {} is {kind}, not a regular file; refusing to use it",
+            path.display()
+        ),
+        source: std::io::Error::from(ErrorKind::AlreadyExists),
+    }
+}
+
+/// Open the lock file at `path` for reading and writing, creating it (`O_EXCL`, 0600) when
+/// `create` and there is none, and check what was opened (see the module docs). Returns the
+/// file, its metadata, and whether this call created it.
+fn open_lock(path: &Path, create: bool) -> Result<(File, Metadata, bool)> {
+    // O_NONBLOCK | O_NOCTTY: opening whatever was planted there never blocks and never
+    // acquires a terminal; the file type is checked right after.
+    let flags = OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let open = |new: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true).create_new(new).mode(LOCK_MODE);
+        o.custom_flags(flags.bits() as i32).open(path)
+    };
+    let mut tries = 0;
+    let (file, created) = loop {
+        let opened = if create {
+            match open(true) {
+                Ok(f) => Ok((f, true)),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => open(false).map(|f| (f, false)),
+                Err(e) => Err(e),
+            }
+        } else {
+            open(false).map(|f| (f, false))
+        };
+        match opened {
+            Ok(f) => break f,
+            // Removed between the two opens (a server closing): look again.
+            Err(e) if create && e.kind() == ErrorKind::NotFound && tries < 3 => tries += 1,
+            // Opening a directory for writing, or a socket, fails before fstat could tell.
+            Err(e) if e.raw_os_error() == Some(Errno::ISDIR.raw_os_error()) => {
+                return Err(not_regular(path, "a directory"))
+            }
+            Err(e) if e.raw_os_error() == Some(Errno::NXIO.raw_os_error()) => {
+                return Err(not_regular(path, "a socket"))
+            }
+            Err(e) => return Err(Error::io_path("cannot open lock file", path, e)),
+        }
+    };
+    let md = file.metadata().at("cannot inspect lock file", path)?;
+    if !md.file_type().is_file() {
+        return Err(not_regular(path, kind_name(md.file_type())));
+    }
+    // The server fixes a wrong mode of its own file once it holds the lock; a client only
+    // reads (the server's pid) or locks (its lease) and refuses a file others may write to.
+    let forbidden = if create { 0 } else { 0o022 };
+    check_private("lock file", path, &md, forbidden, "0600", "use it")?;
+    Ok((file, md, created))
 }
 
 impl LockFile {
-    /// Take the lock at `path` (creating the file), or `None` if another process holds it.
+    /// Take the lock at `path` (creating the file when `create`), or `None` if another
+    /// process holds it. A file that is not a regular file of this user is refused.
     pub fn try_acquire(path: &Path, create: bool) -> Result<Option<LockFile>> {
-        let file = open_lock(path, create)?;
+        let (file, md, created) = open_lock(path, create)?;
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Some(LockFile {
-                file,
-                path: path.to_path_buf(),
-            })),
-            Err(Errno::WOULDBLOCK) => Ok(None),
-            Err(e) => Err(Error::io_path("cannot lock", path, e)),
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => return Ok(None),
+            Err(e) => {
+                if created {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(Error::io_path("cannot lock", path, e));
+            }
         }
+        if create && md.mode() & 0o7777 != LOCK_MODE {
+            // Ours (checked above) and now held by us: a stale lock file someone widened, or
+            // one created under a umask that narrowed 0600.
+            rustix::fs::fchmod(&file, Mode::from_raw_mode(LOCK_MODE))
+                .at("cannot set mode of", path)?;
+        }
+        Ok(Some(LockFile {
+            file,
+            path: path.to_path_buf(),
+        }))
     }
 
     /// Record our pid in the file (read by clients to check the server is alive).
@@ -66,7 +159,7 @@ impl LockFile {
 /// The pid recorded in a server lock file, if readable.
 pub(crate) fn read_pid(path: &Path) -> Option<u32> {
     let mut s = String::new();
-    open_lock(path, false).ok()?.read_to_string(&mut s).ok()?;
+    open_lock(path, false).ok()?.0.read_to_string(&mut s).ok()?;
     s.trim().parse().ok()
 }
 
@@ -84,5 +177,104 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
         Ok(()) => true,
         Err(Errno::PERM) => true,
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode_of(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).expect("lstat").mode() & 0o7777
+    }
+
+    /// A stale lock file of our own (a server killed with SIGKILL leaves one) is reused: the
+    /// same file, its mode set back to 0600, our pid written over the dead one.
+    #[test]
+    fn a_stale_lock_file_of_our_own_is_reused_and_narrowed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("ep.lock");
+        std::fs::write(&p, "999999999\n").expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let ino = std::fs::metadata(&p).expect("stat").ino();
+        let mut lock = LockFile::try_acquire(&p, true)
+            .expect("reuse")
+            .expect("not held");
+        lock.write_pid().expect("write pid");
+        assert_eq!(std::fs::metadata(&p).expect("stat").ino(), ino);
+        assert_eq!(mode_of(&p), 0o600);
+        assert_eq!(read_pid(&p), Some(std::process::id()));
+        // Held: a second taker gets None, and a client reads the pid.
+        assert!(LockFile::try_acquire(&p, true).expect("open").is_none());
+    }
+
+    /// A new lock file is created 0600, whatever the umask.
+    #[test]
+    fn a_new_lock_file_is_0600() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("new.lock");
+        let lock = LockFile::try_acquire(&p, true).expect("create");
+        assert!(lock.is_some());
+        assert_eq!(mode_of(&p), 0o600);
+    }
+
+    /// What is not a regular file is refused, whoever wants it, and left as it was.
+    #[test]
+    fn a_lock_file_that_is_no_regular_file_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo.lock");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, Mode::from_raw_mode(0o600)).expect("fifo");
+        let sub = dir.path().join("dir.lock");
+        std::fs::create_dir(&sub).expect("mkdir");
+        let target = dir.path().join("victim");
+        std::fs::write(&target, "precious").expect("write");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let link = dir.path().join("link.lock");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let sock = dir.path().join("sock.lock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        for (p, text) in [
+            (&fifo, "is a FIFO, not a regular file"),
+            (&sub, "is a directory, not a regular file"),
+            (&sock, "is a socket, not a regular file"),
+            (&link, "symbolic links"),
+        ] {
+            for create in [true, false] {
+                let e = LockFile::try_acquire(p, create).expect_err("refused");
+                assert!(e.to_string().contains(text), "{}: {e}", p.display());
+            }
+            assert_eq!(read_pid(p), None);
+        }
+        assert!(std::fs::symlink_metadata(&fifo)
+            .expect("fifo stays")
+            .file_type()
+            .is_fifo());
+        assert!(sub.is_dir());
+        assert_eq!(std::fs::read_link(&link).expect("link stays"), target);
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "precious");
+        assert_eq!(mode_of(&target), 0o644);
+    }
+
+    /// A client (which never changes the server's files) refuses a lease file that others
+    /// may write to, and leaves its mode alone.
+    #[test]
+    fn a_client_refuses_a_lock_file_others_may_write_to() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("slot0.lock");
+        std::fs::write(&p, "").expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o622)).expect("chmod");
+        let e = LockFile::try_acquire(&p, false).expect_err("refused");
+        assert!(matches!(e, Error::Role(_)), "{e}");
+        assert!(
+            e.to_string().contains(&format!(
+                "lock file {} has mode 0622: other users may write to it (expected 0600)",
+                p.display()
+            )),
+            "{e}"
+        );
+        assert_eq!(mode_of(&p), 0o622);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(LockFile::try_acquire(&p, false).expect("lease").is_some());
     }
 }

@@ -322,6 +322,49 @@ pub(crate) fn wait_fd(
     }
 }
 
+/// This process's effective uid: the only user whose servers, clients and files it trusts.
+pub(crate) fn my_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// Refuse a file or directory (`what`, e.g. "shared-memory file") that another user could
+/// have made or could use: it must belong to this process's effective uid, and none of the
+/// permission bits in `forbidden` may be set (`0o022`: nobody else may write to it, `0o077`:
+/// nobody else may use it at all). `expected` names the mode the server gives it; `action` is
+/// what is refused ("attach", "connect", "use it"). One `fstat`/`lstat` result, no syscall.
+pub(crate) fn check_private(
+    what: &str,
+    path: &Path,
+    md: &std::fs::Metadata,
+    forbidden: u32,
+    expected: &str,
+    action: &str,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let me = my_uid();
+    if md.uid() != me {
+        return Err(Error::Role(format!(
+            "{what} {} is owned by uid {}, not by this process's uid {me}; refusing to {action}",
+            path.display(),
+            md.uid()
+        )));
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & forbidden != 0 {
+        let access = if forbidden & 0o044 != 0 {
+            "use"
+        } else {
+            "write to"
+        };
+        return Err(Error::Role(format!(
+            "{what} {} has mode {mode:04o}: other users may {access} it (expected {expected}); \
+             refusing to {action}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// A client sends requests (and upper-layer control frames), nothing else.
 pub(crate) fn check_client_kind(meta: &Meta) -> Result<()> {
     if meta.kind != Kind::Request && meta.kind != Kind::Control {
