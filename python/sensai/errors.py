@@ -46,7 +46,11 @@ class CapacityError(SensAIError):
 
 
 class RoleError(SensAIError):
-    """An endpoint was asked to do what its role (server or client) does not allow."""
+    """An endpoint was asked to do what its role (server or client) does not allow, or the
+    other side is not this process's own user: a client refuses a server of another uid
+    (its shared-memory file, pipe directory or socket), a server refuses such a client, and
+    a server refuses another user's lock file. The message names what was found and what
+    was expected."""
 
 
 class AddressInUseError(SensAIError, OSError):

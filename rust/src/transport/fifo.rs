@@ -33,9 +33,9 @@ use crate::transport::lock::{pid_alive, read_pid, LockFile};
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::wait_fd;
 use crate::transport::{
-    check_client_kind, check_slot, hello_ack_values, parse_hello_ack, poll_fds, request_context,
-    take_answer, ClientEndpoint, Deadline, DirWatch, Interrupt, Message, ServerEndpoint,
-    HANDSHAKE_LIMITS,
+    check_client_kind, check_private, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
+    request_context, take_answer, ClientEndpoint, Deadline, DirWatch, Interrupt, Message,
+    ServerEndpoint, HANDSHAKE_LIMITS,
 };
 use std::os::fd::AsFd;
 
@@ -74,6 +74,50 @@ fn open_fifo(path: &Path, write: bool) -> std::io::Result<File> {
                 Err(std::io::Error::new(ErrorKind::InvalidData, "not a FIFO"))
             }
         })
+}
+
+/// A client's check of the pipe directory `dir` (one `lstat`): a real directory (not a
+/// symbolic link), owned by this user, and, with `forbidden = Some(0o077)`, closed to
+/// everybody else. Returns its metadata. No directory yet is [`Error::PeerGone`] (a server
+/// may still come).
+fn check_pipe_dir(dir: &Path, forbidden: Option<u32>) -> Result<std::fs::Metadata> {
+    let md = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(Error::PeerGone(format!(
+                "no server is running on {}",
+                dir.display()
+            )))
+        }
+        Err(e) => return Err(Error::io_path("cannot inspect", dir, e)),
+    };
+    if !md.is_dir() {
+        let kind = if md.file_type().is_symlink() {
+            "a symbolic link"
+        } else {
+            "not a directory"
+        };
+        return Err(Error::Protocol(format!(
+            "{} is not a SensAI pipe directory: it is {kind}; refusing to connect",
+            dir.display()
+        )));
+    }
+    check_private(
+        "pipe directory",
+        dir,
+        &md,
+        forbidden.unwrap_or(0),
+        "0700",
+        "connect",
+    )?;
+    Ok(md)
+}
+
+/// A client's check of a FIFO it opened (one `fstat`): the server's own, which nobody else
+/// may use (the server makes them 0600).
+fn check_fifo(f: &File, path: &Path) -> Result<()> {
+    let md = f.metadata().at("cannot inspect", path)?;
+    check_private("FIFO", path, &md, 0o077, "0600", "connect")
 }
 
 fn make_fifo(path: &Path) -> Result<()> {
@@ -612,6 +656,9 @@ impl FifoClient {
         deadline: &Deadline,
         interrupt: Interrupt<'_>,
     ) -> Result<FifoClient> {
+        // The pipe directory is the gate to every file of the server: it must be a real
+        // directory of ours (another user's is refused now, not after the connect timeout).
+        let md = check_pipe_dir(dir, None)?;
         // A directory we may not enter belongs to another user: say so now, not after the
         // connect timeout.
         if let Err(e) = std::fs::metadata(server_lock_path(dir)) {
@@ -622,6 +669,12 @@ impl FifoClient {
         let server_pid = read_pid(&server_lock_path(dir))
             .filter(|p| pid_alive(*p))
             .ok_or_else(|| Error::PeerGone(format!("no server is running on {}", dir.display())))?;
+        // ... and nobody else may use it. Checked once a server runs there: a server that
+        // reuses an existing directory narrows its mode to 0700 before it writes its pid, so a
+        // client that came first keeps waiting rather than refusing that directory.
+        if md.mode() & 0o077 != 0 {
+            check_pipe_dir(dir, Some(0o077))?;
+        }
         let (slot, lease) = match slot {
             Some(s) => {
                 let p = lease_path(dir, s);
@@ -663,8 +716,10 @@ impl FifoClient {
             Error::PeerGone(format!("cannot open {}: {e}", p.display()))
         };
         let resp = open_fifo(&rs, false).map_err(|e| gone(e, &rs))?;
+        check_fifo(&resp, &rs)?;
         // ENXIO here means no server holds the read end.
         let req = open_fifo(&rq, true).map_err(|e| gone(e, &rq))?;
+        check_fifo(&req, &rq)?;
         let mut c = FifoClient {
             dir: dir.to_path_buf(),
             slot,
@@ -889,6 +944,65 @@ mod tests {
                 &mut no_interrupt(),
             )
         })
+    }
+
+    fn connect_err(path: &Path) -> Error {
+        let t = Some(Duration::from_millis(300));
+        match FifoClient::connect(path, Some(0), t, &mut no_interrupt()) {
+            Ok(_) => panic!("connected to {}", path.display()),
+            Err(e) => e,
+        }
+    }
+
+    /// A client talks only through a pipe directory of its own user that nobody else may
+    /// enter, and FIFOs nobody else may open; each refusal says what was found and expected,
+    /// and leaves the slot free (the lease is given back).
+    #[test]
+    fn a_client_refuses_a_pipe_directory_or_fifo_others_may_use() {
+        use std::os::unix::fs::PermissionsExt;
+        let chmod = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pipes");
+        let mut srv = FifoServer::bind(&path, 1, Limits::default()).expect("bind");
+        for mode in [0o750, 0o701, 0o777] {
+            chmod(&path, mode);
+            let e = connect_err(&path);
+            let want = format!("pipe directory {} has mode {mode:04o}", path.display());
+            let text = e.to_string();
+            assert!(matches!(e, Error::Role(_)), "{text}");
+            assert!(
+                text.contains(&want) && text.contains("expected 0700") && text.contains("connect"),
+                "{text}"
+            );
+        }
+        chmod(&path, 0o700);
+        for (file, mode) in [(resp_path(&path, 0), 0o640), (req_path(&path, 0), 0o602)] {
+            chmod(&file, mode);
+            let e = connect_err(&path);
+            let want = format!("FIFO {} has mode {mode:04o}", file.display());
+            assert!(
+                matches!(e, Error::Role(_)) && e.to_string().contains(&want),
+                "{e}"
+            );
+            chmod(&file, 0o600);
+        }
+        // A symbolic link to the directory is not the server's directory.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).expect("symlink");
+        let e = connect_err(&link);
+        assert!(
+            matches!(e, Error::Protocol(_)) && e.to_string().contains("symbolic link"),
+            "{e}"
+        );
+        // With the modes back, the same slot is free and serves.
+        let client = connect(&path);
+        while !client.is_finished() {
+            srv.pump(Duration::from_millis(10)).expect("pump");
+        }
+        let c = client.join().expect("thread").expect("client");
+        assert_eq!(c.slot(), 0);
     }
 
     /// The server polls the last client's hang-up; before it acts on that poll, the next

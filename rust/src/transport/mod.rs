@@ -327,6 +327,19 @@ pub(crate) fn my_uid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
 
+/// Refuse a server whose process runs as another user (a Unix socket's `SO_PEERCRED`).
+pub(crate) fn check_peer_uid(uid: u32, path: &Path) -> Result<()> {
+    let me = my_uid();
+    if uid != me {
+        return Err(Error::Role(format!(
+            "the server at {} runs as uid {uid}, not as this process's uid {me}; \
+             refusing to connect",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Refuse a file or directory (`what`, e.g. "shared-memory file") that another user could
 /// have made or could use: it must belong to this process's effective uid, and none of the
 /// permission bits in `forbidden` may be set (`0o022`: nobody else may write to it, `0o077`:

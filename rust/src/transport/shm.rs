@@ -75,11 +75,12 @@
 //!
 //! # Trust
 //!
-//! Peers are processes of the same user (mode 0600). Every counter read from the mapping is
-//! checked against the ring depth and every frame is validated before use, so a corrupt or
-//! malicious peer causes errors, not out-of-bounds access; like any shared-memory transport,
-//! a peer that writes into buffers it does not own can still change their contents under a
-//! reader.
+//! Peers are processes of the same user: the file is 0600, and a client refuses a file of
+//! another user, or one that group or others may write to, before it maps it. Every counter
+//! read from the mapping is checked against the ring depth and every frame is validated
+//! before use, so a corrupt or malicious peer causes errors, not out-of-bounds access; like
+//! any shared-memory transport, a peer that writes into buffers it does not own can still
+//! change their contents under a reader.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -97,8 +98,8 @@ use crate::frame::{self, error_code, Kind, Limits, Meta, TensorRef, TensorSpec};
 use crate::sync::{futex_wait, futex_wake_all, Event, Wake};
 use crate::transport::lock::{pid_alive, LockFile};
 use crate::transport::{
-    check_client_kind, check_slot, rand_u64, request_context, take_answer, ClientEndpoint,
-    Deadline, DirWatch, Interrupt, Message, ServerEndpoint, INTERRUPT_CHECK,
+    check_client_kind, check_private, check_slot, rand_u64, request_context, take_answer,
+    ClientEndpoint, Deadline, DirWatch, Interrupt, Message, ServerEndpoint, INTERRUPT_CHECK,
 };
 
 /// Magic at offset 0 of a shared-memory file (distinct from the frame magic).
@@ -1245,7 +1246,14 @@ fn bad_file(path: &Path, why: impl std::fmt::Display) -> Error {
 }
 
 fn inspect(path: &Path, file: &File) -> Result<Inspect> {
-    let len = file.metadata().at("cannot inspect", path)?.len();
+    let md = file.metadata().at("cannot inspect", path)?;
+    if !md.file_type().is_file() {
+        return Err(bad_file(path, "it is not a regular file"));
+    }
+    // Only a file of our own user that nobody else may write to: another user's file could
+    // be a server of theirs, which would read our requests and answer them.
+    check_private("shared-memory file", path, &md, 0o022, "0600", "attach")?;
+    let len = md.len();
     if len == 0 {
         return Ok(Inspect::NotReady(None));
     }
@@ -2470,6 +2478,47 @@ mod tests {
         ShmClient::attach(p, None, Some(timeout), &mut no_interrupt())
             .err()
             .unwrap()
+    }
+
+    /// A client attaches only to a regular file of its own user that nobody else may write
+    /// to; the refusal names the file, the mode found and the mode expected, and changes
+    /// nothing (the server keeps serving once the mode is back).
+    #[test]
+    fn attach_refuses_a_file_others_may_write_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shm");
+        let mut srv = ShmServer::create(&p, 1, lim(), 2).unwrap();
+        let t = Duration::from_millis(200);
+        for mode in [0o620, 0o602, 0o666] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = attach_err(&p, t);
+            let text = e.to_string();
+            assert!(matches!(e, Error::Role(_)), "{mode:o}: {e}");
+            assert!(
+                text.contains(&format!(
+                    "shared-memory file {} has mode {mode:04o}",
+                    p.display()
+                )) && text.contains("expected 0600")
+                    && text.contains("refusing to attach"),
+                "{text}"
+            );
+        }
+        // Readable by others is not a way in (only writes are): attach works.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        attach(&mut srv, &p, None).expect("attach to a 0644 file");
+        // A FIFO at the path is not mapped (opened without blocking, then refused).
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        let e = attach_err(&fifo, t);
+        assert!(
+            matches!(e, Error::Protocol(_)) && e.to_string().contains("not a regular file"),
+            "{e}"
+        );
     }
 
     #[test]

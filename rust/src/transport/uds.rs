@@ -1,9 +1,10 @@
 //! Unix-domain-socket transport.
 //!
 //! The server listens on a socket file (mode 0600) and accepts connections only from its
-//! own user (SO_PEERCRED). Each connection claims one slot with a HELLO control frame
-//! (a given slot, or any free one) and keeps it until it closes, so a client process that
-//! dies frees its slot at once. A lock file `<path>.lock` marks the path as owned by a
+//! own user (SO_PEERCRED); a client, in turn, talks only to a server of its own user (the
+//! listener's SO_PEERCRED, checked once per connection). Each connection claims one slot with
+//! a HELLO control frame (a given slot, or any free one) and keeps it until it closes, so a
+//! client process that dies frees its slot at once. A lock file `<path>.lock` marks the path as owned by a
 //! live server: a second server refuses to start, a stale socket of a dead one is replaced.
 //!
 //! The server never blocks on one client: sockets are non-blocking, and a response the
@@ -23,8 +24,8 @@ use crate::frame::{self, control, error_code, DType, Kind, Limits, Meta, TensorR
 use crate::transport::lock::LockFile;
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::{
-    check_client_kind, check_slot, hello_ack_values, parse_hello_ack, poll_fds, rand_u64,
-    request_context, take_answer, ClientEndpoint, Deadline, DirWatch, Interrupt, Message,
+    check_client_kind, check_peer_uid, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
+    rand_u64, request_context, take_answer, ClientEndpoint, Deadline, DirWatch, Interrupt, Message,
     ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
@@ -657,6 +658,12 @@ impl UdsClient {
                 Err(e) => return Err(Error::io_path("cannot connect to", &path, e)),
             }
         };
+        // Who listens there: a socket another user bound (at a path we were given, or put
+        // in place of our server's) must not get our requests or give us answers. The
+        // kernel recorded the server's credentials when it called listen(2).
+        let cred = rustix::net::sockopt::socket_peercred(&stream)
+            .at("cannot read the credentials of the server at", &path)?;
+        check_peer_uid(cred.uid.as_raw(), &path)?;
         stream.set_nonblocking(true).at("cannot configure", &path)?;
 
         let nonce = rand_u64();
