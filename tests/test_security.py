@@ -3,7 +3,10 @@
 * Files and sockets 0600, directories 0700, whatever the umask.
 * A symlink or file planted at the server's paths never redirects it: it refuses, or (a
   stale shared-memory file) replaces the name without writing through it.
-* The Unix-socket server refuses peers of another uid (SO_PEERCRED), even with modes widened.
+* The Unix-socket server refuses peers of another uid (SO_PEERCRED), even with modes widened;
+  every client, in turn, refuses a server of another uid (its shared-memory file, its pipe
+  directory, its socket's SO_PEERCRED), even as root.
+* Lock files: another user's is refused and left untouched; a stale one of our own is reused.
 * A client only ever sees its own slot's messages, also while many processes lease slots.
 * Wire data is never unpickled, and a hostile header cannot make the server allocate more
   than its limit.
@@ -17,6 +20,7 @@ import signal
 import socket
 import stat
 import struct
+import threading
 from typing import Any
 
 import numpy as np
@@ -90,6 +94,8 @@ def test_planted_symlink_does_not_redirect_the_server(
     target = os.path.join(short_tmp, "victim.txt")
     with open(target, "w") as f:
         f.write("precious")
+    os.chmod(target, 0o644)  # a server that followed the link would make it 0600 or write it
+    before = os.stat(target)
     if where == "path":
         planted = path
     elif kind == "named_pipe":
@@ -107,7 +113,13 @@ def test_planted_symlink_does_not_redirect_the_server(
     assert os.path.islink(planted) and os.readlink(planted) == target
     with open(target) as f:
         assert f.read() == "precious"
-    assert stat.S_IMODE(os.stat(target).st_mode) != 0o600 or os.stat(target).st_size == 8
+    after = os.stat(target)
+    assert (after.st_ino, after.st_mode, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_size,
+        before.st_mtime_ns,
+    ), "the victim file was changed through the link"
 
 
 def test_planted_file_is_never_written_through(kind: str, path: str, short_tmp: str) -> None:
@@ -159,24 +171,223 @@ def test_fifo_planted_in_the_pipe_directory_is_replaced(path: str, short_tmp: st
 # --- other users ---------------------------------------------------------------------------------
 
 
+def _become(uid: int) -> str | None:
+    """Switch this (child) process to ``uid`` for good; why it could not, or None."""
+    try:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    except OSError as e:  # PermissionError without CAP_SETUID (a container, a non-root run)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _raw_hello_as(uid: int, path: str, conn: Any) -> None:
+    """Drop to ``uid``, connect a bare socket (not a client of ours, which would refuse a
+    server of another uid before the server could refuse us) and report what came back. The
+    server answers at accept, before reading anything, so nothing is sent (a HELLO could
+    meet a closed socket)."""
+    why = _become(uid)
+    if why is not None:
+        conn.send(("setuid failed", why))
+        return
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(path)
+        got = b""
+        while chunk := s.recv(1 << 16):
+            got += chunk
+        conn.send(("answered", got))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
 def test_unix_socket_refuses_another_uid_even_with_open_modes(
     path: str, short_tmp: str, procs: Procs
 ) -> None:
+    """The server's side: a peer of another uid gets a ROLE error frame and the connection
+    closed, whatever the modes; our own client of that uid refuses the server first."""
     server = make_server("unix_socket", path, 2)
     with ServerThread(server, answer_with(double)):
         os.chmod(short_tmp, 0o755)
         os.chmod(path, 0o666)  # only SO_PEERCRED stands in the way now
         mine, theirs = MP.Pipe()
-        procs.start(other_user_connect, "unix_socket", path, NOBODY, theirs)
+        procs.start(_raw_hello_as, NOBODY, path, theirs)
         theirs.close()
         assert mine.poll(20)
         res = mine.recv()
-        assert res[0] == "refused", res
-        assert "serves only uid 0" in res[1], res
-        with make_client("unix_socket", path) as c:  # the server is unharmed
-            np.testing.assert_array_equal(c.request(np.arange(3), timeout=5), 2 * np.arange(3))
+        if res[0] != "setuid failed":
+            assert res[0] == "answered", res
+            code, text = error_of(split(res[1])[0])
+            assert code == 6 and "serves only uid 0, the peer runs as uid 65534" in text, text
+            mine, theirs = MP.Pipe()
+            procs.start(other_user_connect, "unix_socket", path, NOBODY, theirs)
+            theirs.close()
+            assert mine.poll(20)
+            res = mine.recv()
+            assert res[0] == "refused" and "runs as uid 0, not as this process's uid" in res[1], res
+            with make_client("unix_socket", path) as c:  # the server is unharmed
+                np.testing.assert_array_equal(c.request(np.arange(3), timeout=5), 2 * np.arange(3))
     server.close()
+    if res[0] == "setuid failed":
+        pytest.skip(f"cannot switch to uid {NOBODY} here: {res[1]}")
+
+
+def _acknowledge_every_hello(listener: socket.socket) -> None:
+    """A hostile socket server: answer any HELLO with a HELLO_ACK for slot 0, as a server of
+    another user could (the real one would itself refuse a peer of another uid)."""
+    held = []
+    while True:
+        conn, _ = listener.accept()
+        hello = b""
+        while len(hello) < 64 and (chunk := conn.recv(64 - len(hello))):
+            hello += chunk
+        if len(hello) == 64:
+            rid = struct.unpack_from("<Q", hello, 8)[0]
+            limits = np.array([2, 8, 8, 1 << 20, os.getpid()], np.uint64)
+            conn.sendall(encode(4, [limits], request_id=rid, tag=2))
+        held.append(conn)
+
+
+def _serve_as_another_user(kind: str, path: str, uid: int, conn: Any) -> None:
+    """Drop to ``uid`` and serve on ``path`` with every mode widened (so nothing but the
+    owner check stands in a client's way), until the parent says stop or goes away.
+
+    Shared memory and named pipes run the real server; the Unix socket a hostile one
+    (:func:`_acknowledge_every_hello`)."""
+    why = _become(uid)
+    if why is not None:
+        conn.send(("setuid failed", why))
+        return
+    try:
+        if kind == "unix_socket":
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            listener.listen(4)
+            os.chmod(path, 0o666)
+            threading.Thread(target=_acknowledge_every_hello, args=(listener,), daemon=True).start()
+            conn.send(("ready", ""))
+            conn.recv()
+            return
+        server = make_server(kind, path, 2, max_nbytes=1 << 20)
+        for name, mode in _tree(os.path.dirname(path)).items():
+            os.chmod(
+                os.path.join(os.path.dirname(path), name), 0o777 if stat.S_ISDIR(mode) else 0o666
+            )
+        with ServerThread(server, answer_with(double)):
+            conn.send(("ready", ""))
+            try:
+                conn.recv()
+            except EOFError:
+                pass
+        server.close()
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+
+
+_REFUSAL = {
+    "shared_memory": "shared-memory file {path} is owned by uid {them}, "
+    "not by this process's uid {me}; refusing to attach",
+    "named_pipe": "pipe directory {path} is owned by uid {them}, "
+    "not by this process's uid {me}; refusing to connect",
+    "unix_socket": "the server at {path} runs as uid {them}, "
+    "not as this process's uid {me}; refusing to connect",
+}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a server as another uid")
+def test_a_client_refuses_a_server_of_another_uid(kind: str, short_tmp: str, procs: Procs) -> None:
+    """A server of uid nobody, its files widened to 0666 and 0777 (a bare socket that
+    acknowledges any HELLO for the Unix socket): the client (root here, whom no mode stops)
+    refuses it before any request, naming the owner it found and the uid it expected."""
+    os.chmod(short_tmp, 0o755)
+    home = os.path.join(short_tmp, "nobody")
+    os.mkdir(home)
+    os.chown(home, NOBODY, NOBODY)  # a directory the other user can write
+    path = os.path.join(home, "ep")
+    mine, theirs = MP.Pipe()
+    child = procs.start(_serve_as_another_user, kind, path, NOBODY, theirs)
+    theirs.close()
+    assert mine.poll(30), "the other user's server did not start"
+    status, text = mine.recv()
+    if status == "setuid failed":
+        pytest.skip(f"cannot switch to uid {NOBODY} here: {text}")
+    assert status == "ready", text
+    try:
+        with pytest.raises(RoleError) as ei:
+            make_client(kind, path, None, connect_timeout=5).close()
+        want = _REFUSAL[kind].format(path=path, them=NOBODY, me=os.geteuid())
+        assert want in str(ei.value), str(ei.value)
+    finally:
+        mine.send("stop")
+        child.join(10)
+
+
+# --- lock files ----------------------------------------------------------------------------------
+
+
+def _lock_of(kind: str, path: str) -> str:
+    """The server's lock file (a named-pipe server's lives in its directory)."""
+    return os.path.join(path, "server.lock") if kind == "named_pipe" else path + ".lock"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant a file of another uid")
+def test_a_planted_lock_file_of_another_uid_is_refused_and_left_alone(kind: str, path: str) -> None:
+    """Another user's lock file (mode 0666) at the server's lock path: the server refuses
+    to start, naming the owner, and neither locks, writes, chmods nor removes the file."""
+    if kind == "named_pipe":
+        os.mkdir(path, 0o700)  # our own pipe directory, with the file planted inside
+    lock = _lock_of(kind, path)
+    with open(lock, "w") as f:
+        f.write("planted\n")
+    os.chown(lock, NOBODY, NOBODY)
+    os.chmod(lock, 0o666)
+    before = os.lstat(lock)
+    with pytest.raises(RoleError) as ei:
+        make_server(kind, path, 1, max_nbytes=1 << 20)
+    want = (
+        f"lock file {lock} is owned by uid {NOBODY}, not by this process's uid "
+        f"{os.geteuid()}; refusing to use it"
+    )
+    assert want in str(ei.value), str(ei.value)
+    after = os.lstat(lock)
+    fields = ("st_ino", "st_uid", "st_mode", "st_size", "st_mtime_ns")
+    assert [getattr(after, f) for f in fields] == [getattr(before, f) for f in fields]
+    with open(lock) as f:
+        assert f.read() == "planted\n"
+    # Nothing half-created beside it.
+    assert os.listdir(os.path.dirname(lock)) == [os.path.basename(lock)]
+
+
+def test_a_stale_lock_file_of_our_own_is_reused(kind: str, path: str, procs: Procs) -> None:
+    """A server killed with SIGKILL leaves its lock file (its pid dead); widened to 0644
+    since. The next server takes that same file, sets it back to 0600, writes its own pid,
+    serves, and removes the file when it closes."""
+    ready = MP.Event()
+    dead = procs.start(fh.serve_process, kind, path, 1, ready, 1 << 20)
+    assert ready.wait(30)
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.join(10)
+    lock = _lock_of(kind, path)
+    with open(lock) as f:
+        assert f.read() == f"{dead.pid}\n"
+    os.chmod(lock, 0o644)
+    inode = os.stat(lock).st_ino
+    server = make_server(kind, path, 1, max_nbytes=1 << 20)
+    try:
+        st = os.lstat(lock)
+        assert st.st_ino == inode, "the stale lock file was replaced, not reused"
+        assert stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
+        with open(lock) as f:
+            assert f.read() == f"{os.getpid()}\n"
+        with ServerThread(server, answer_with(double)):
+            with make_client(kind, path) as c:
+                np.testing.assert_array_equal(c.request(np.arange(3), timeout=5), 2 * np.arange(3))
+    finally:
+        server.close()
+    assert not os.path.exists(lock)
 
 
 # --- slots ---------------------------------------------------------------------------------------
