@@ -18,22 +18,29 @@ What it does, all on this machine and nothing downloaded:
    curves to ``<out>/curves.png`` (and the numbers to ``<out>/metrics.json``).
 
 The server is stopped (and its files removed) when training ends, fails or is interrupted
-with Ctrl-C. Held-out KL is the unbiased sampled estimate from the teacher's answers (its
-standard error is printed beside it).
+with Ctrl-C, also while it is still starting; a server that prints no address within
+``--server-timeout`` seconds (or dies first) is an error that shows the end of its log.
+Held-out KL is the unbiased sampled estimate from the teacher's answers (its standard error is
+printed beside it).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import collections
+import contextlib
+import io
 import itertools
 import json
 import math
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -46,6 +53,9 @@ from tqdm import tqdm
 from sensai import Client, TeacherOutput, wrap_collate_function
 from sensai.losses import sampled_kd_loss, teacher_from_batch
 from sensai.teacher import load_tokenizer
+
+#: Seconds to wait for the server to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 60.0
 
 
 # --------------------------------------------------------------------------------- data
@@ -108,7 +118,74 @@ def collate(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------ teacher
-def start_server(args) -> tuple[subprocess.Popen, str]:
+class ServerStartError(RuntimeError):
+    """The teacher server died or printed no address in time; the message ends with its log."""
+
+
+class _Relay(threading.Thread):
+    """Copies a server stream to ours line by line, in a thread, keeping the last lines for an
+    error message. Until `go_live` the lines are held back, so that a server that fails to
+    start shows its log once, in the error."""
+
+    def __init__(self, stream, out, live: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.out = stream, out
+        self.tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._held: list[str] | None = None if live else []
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        for line in self.stream:
+            with self._lock:
+                self.tail.append(line)
+                if self._held is not None:
+                    if len(self._held) < 1000:
+                        self._held.append(line)
+                    continue
+            self.out.write(line)
+            self.out.flush()
+
+    def go_live(self) -> None:
+        with self._lock:
+            held, self._held = self._held or [], None
+            self.out.write("".join(held))
+            self.out.flush()
+
+
+def _text(pipe) -> io.TextIOWrapper:
+    """A server pipe as text; ``\r`` kept as is, so progress bars redraw in place."""
+    return io.TextIOWrapper(pipe, errors="replace", newline="")
+
+
+def _read_address(server: subprocess.Popen, timeout: float) -> str:
+    """The first line the server prints on stdout, waiting at most ``timeout`` seconds on
+    poll(2) (Ctrl-C interrupts the wait); '' when the server closed stdout (it exited)."""
+    fd = server.stdout.fileno()  # type: ignore[union-attr]
+    buf = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise TimeoutError
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return ""
+            buf += chunk
+    line, rest = buf.split(b"\n", 1)
+    if rest:
+        sys.stdout.write(rest.decode(errors="replace"))
+    return line.decode(errors="replace").strip()
+
+
+def start_server(args, seed: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``sensai serve`` in its own process (and session) and wait for its address.
+
+    ``seed``: the server's default sampling seed (``--seed``; None: unseeded). Raises
+    `ServerStartError` when it exits or prints no address within ``args.server_timeout``
+    seconds; on that, on Ctrl-C (KeyboardInterrupt) or any other error the server is stopped
+    before the exception propagates."""
     cmd = [
         sys.executable, "-m", "sensai.cli", "serve",
         "--transport", "shared_memory", "--shm-path", args.shm_path,
@@ -116,24 +193,67 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         "--temperature", str(args.temperature), "--num-clients", str(args.workers + 1),
         "--log-level", "WARNING", *(["--model", args.model] if args.model else []),
         "--threads", str(args.teacher_threads),
+        *(["--seed", str(seed)] if seed is not None else []),
     ]  # fmt: skip
-    # Its own session: Ctrl-C reaches this program only, which then stops the server cleanly.
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    address = server.stdout.readline().strip() if server.stdout else ""
-    if not address:
-        server.wait(30)
-        raise SystemExit(f"the teacher server did not start (exit {server.returncode}); see above")
-    return server, address
+    # Its own session, so a terminal's Ctrl-C reaches this program only, which then stops the
+    # server cleanly (it would otherwise die mid-request or mid-start, leaving its files).
+    server = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        print(f"teacher server: pid {server.pid}, waiting for its address ...", flush=True)
+        stderr = _Relay(_text(server.stderr), sys.stderr)
+        stderr.start()
+        try:
+            address = _read_address(server, args.server_timeout)
+        except TimeoutError:
+            address, why = "", f"printed no address within {args.server_timeout:g} s"
+        else:
+            why = "exited before printing its address"
+        if not address:
+            stop_server(server, args.shm_path)
+            stderr.join(5.0)  # the server has exited: its stderr ends, the tail is complete
+            if why.startswith("exited"):
+                why += f" (exit status {server.returncode})"
+            log = "".join(stderr.tail).rstrip() or "(nothing on stderr)"
+            raise ServerStartError(f"the teacher server {why}; the end of its log:\n{log}")
+        stderr.go_live()
+        # Nothing more is expected on stdout, but a full pipe must never block the server.
+        _Relay(_text(server.stdout), sys.stdout, live=True).start()
+        return server, address
+    except BaseException:
+        stop_server(server, args.shm_path)
+        raise
 
 
-def stop_server(server: subprocess.Popen) -> None:
+def stop_server(server: subprocess.Popen, shm_path: str | None = None) -> None:
+    """SIGTERM, then wait for the server to finish its requests and remove its files. One
+    that does not exit in time (or a second Ctrl-C) is killed. A server that died of a
+    signal could not remove its files: those at ``shm_path`` whose lock names it are removed
+    here in its stead."""
     if server.poll() is None:
         server.send_signal(signal.SIGTERM)
         try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
+            # A server still loading its model exits only when the load is done.
+            server.wait(STOP_TIMEOUT)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
             server.kill()
-            server.wait()
+            server.wait(STOP_TIMEOUT)
+    if shm_path is not None and server.returncode < 0:
+        _remove_leftovers(server.pid, shm_path)
+
+
+def _remove_leftovers(pid: int, shm_path: str) -> None:
+    lock = shm_path + ".lock"
+    try:
+        with open(lock) as f:
+            owner = f.read().strip()
+    except FileNotFoundError:
+        return  # it died before creating its files
+    if owner == str(pid):  # not a file another server has since taken over
+        for leftover in (shm_path, lock):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
 
 
 # ------------------------------------------------------------------------------ student
@@ -226,6 +346,12 @@ def parse_args(argv=None):
     )
     ap.add_argument("--out", type=Path, default=Path("distill-out"), help="plot and metrics")
     ap.add_argument("--shm-path", default=f"/dev/shm/sensai-distill-{os.getpid()}")
+    ap.add_argument(
+        "--server-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the teacher server's address (the first run converts the GGUF)",
+    )
     args = ap.parse_args(argv)
     for name in ("steps", "batch_size", "seq_len", "held_out", "eval_every", "num_samples"):
         if getattr(args, name) < 1:
@@ -236,6 +362,8 @@ def parse_args(argv=None):
         ap.error("--workers must be >= 1: the teacher is queried from DataLoader workers")
     if not 0.0 <= args.kd_weight <= 1.0:
         ap.error("--kd-weight must be in [0, 1]")
+    if args.server_timeout <= 0:
+        ap.error("--server-timeout must be > 0 seconds")
     if args.teacher_threads < 1 or (args.threads is not None and args.threads < 1):
         ap.error("--teacher-threads and --threads must be >= 1")
     if args.threads is None:
@@ -251,16 +379,22 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     print(
         f"starting the teacher (sensai serve; the first run converts the GGUF, ~40 s); CPU "
-        f"threads: {args.teacher_threads} for the teacher, {args.threads} for the student ..."
+        f"threads: {args.teacher_threads} for the teacher, {args.threads} for the student ...",
+        flush=True,
     )
-    server, address = start_server(args)
+    server = None
     try:
+        server, address = start_server(args)
         return train(args, address, started)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the teacher server", file=sys.stderr)
         return 130
+    except ServerStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
-        stop_server(server)
+        if server is not None:
+            stop_server(server, args.shm_path)
 
 
 def train(args, address: str, started: float) -> int:
