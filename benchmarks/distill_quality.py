@@ -1,7 +1,8 @@
 """Distillation quality: what the student learns from each kind of teacher signal.
 
     python benchmarks/distill_quality.py [--steps 150] [--batch-size 4] [--seq-len 64]
-        [--num-samples 64] [--json PATH] [--plot PATH]
+        [--num-samples 64] [--server-seeds 0,1,2] [--teacher-threads N] [--threads N]
+        [--model PATH] [--json PATH] [--plot PATH]
 
 The demo's setting (examples/distill/train.py: the embedded SmolLM2-135M-Instruct teacher,
 a 2-layer random student with the teacher's vocabulary, standard-library docstrings), four
@@ -11,17 +12,23 @@ same order, for the same number of steps, with the same optimizer and schedule:
 * ``ce``: cross-entropy only;
 * ``sampled``: ``(1 - w) * CE + w * sampled_kd_loss`` (``w``: ``--kd-weight``, 0.9) with the
   teacher's answers served by ``sensai serve`` (compact format, ``--num-samples`` samples at
-  temperature 1) to two DataLoader workers through the collate wrapper;
+  temperature 1, ``--seed`` set to the run's server seed) to two DataLoader workers through
+  the collate wrapper;
 * ``full``: ``(1 - w) * CE + w * full_kd_loss`` against the teacher's full logits, computed
   in this process;
 * ``topk``: ``(1 - w) * CE + w * topk_kd_loss`` against the renormalised top-k, k chosen so
   that its bytes per position (int64 id + float32 log-prob per token) match those the
-  ``sampled`` arm received on its first batches.
+  ``sampled`` arm received on its first batch.
 
-Each arm is evaluated every ``--eval-every`` steps on held-out rows (docstrings it never
-trained on) with the exact KL(teacher || student) from the in-process teacher's full logits,
-and the cross-entropy. Targets: ``sampled`` ends with a held-out KL >= 20% below ``ce``'s and
-within 10% of ``full``'s. Absolute numbers hold only for the machine named in the output.
+The whole comparison runs once per server seed (``--server-seeds``): only the server's
+sampling changes between runs (student initialisation and data order come from ``--seed``),
+so the spread over runs is the sampled signal's (and, through k, the top-k arm's); the
+``ce`` and ``full`` arms repeat exactly. Each arm is evaluated every ``--eval-every`` steps on
+held-out rows (docstrings it never trained on) with the exact KL(teacher || student) from the
+in-process teacher's full logits, and the cross-entropy; the table gives the mean, standard
+deviation and range over runs. Targets: ``sampled`` ends with a held-out KL >= 20% below
+``ce``'s and within 10% of ``full``'s. Absolute numbers hold only for the machine named in the
+output.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,6 +71,18 @@ def _demo():
     return module
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct integers >= 0 separated by commas (e.g. 0,1,2), got {text!r}"
+        )
+    return seeds
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150)
@@ -72,15 +92,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--kd-weight", type=float, default=0.9, help="weight of KD against CE")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=128, help="student hidden size (4 heads)")
     ap.add_argument("--held-out", type=int, default=32, help="held-out rows")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="student initialisation and data order")
+    ap.add_argument(
+        "--server-seeds",
+        type=_seeds,
+        default=[0, 1, 2],
+        help="one run per seed of the server's sampling (sensai serve --seed), comma-separated",
+    )
     ap.add_argument("--model", default=None, help="teacher (default: the embedded SmolLM2)")
+    cores = len(os.sched_getaffinity(0))
+    ap.add_argument(
+        "--teacher-threads",
+        type=int,
+        default=max(1, cores // 2),
+        help="the teacher server's CPU threads (default: half the cores)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="this process's CPU threads: students and in-process teacher (default: the rest)",
+    )
+    ap.add_argument(
+        "--server-timeout", type=float, default=300.0, help="seconds to wait for the server"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--plot", type=Path, default=None, help="write the held-out curves here")
     args = ap.parse_args(argv)
+    for name in ("steps", "batch_size", "held_out", "eval_every", "num_samples", "workers"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.seq_len < 2:
+        ap.error("--seq-len must be >= 2 (a teacher position predicts the next token)")
+    if args.hidden < 4 or args.hidden % 4:
+        ap.error(
+            f"--hidden must be a positive multiple of 4 (4 attention heads), got {args.hidden}"
+        )
+    if not 0.0 <= args.kd_weight <= 1.0:
+        ap.error("--kd-weight must be in [0, 1]")
+    if args.server_timeout <= 0:
+        ap.error("--server-timeout must be > 0 seconds")
+    if args.teacher_threads < 1 or (args.threads is not None and args.threads < 1):
+        ap.error("--teacher-threads and --threads must be >= 1")
+    if args.threads is None:
+        args.threads = max(1, cores - args.teacher_threads)
     args.temperature, args.out = 1.0, None
     args.shm_path = f"/dev/shm/sensai-quality-{os.getpid()}"
     return args
@@ -114,35 +173,50 @@ def evaluate(student, teacher_full: list[tuple[torch.Tensor, torch.Tensor]]) -> 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit(
+            "--plot needs matplotlib, which is not installed: pip install 'sensai[demo]'"
+        )
     demo = _demo()
-    torch.manual_seed(args.seed)
-    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    server, address = demo.start_server(args)
-    try:
-        return run(args, demo, address)
-    finally:
-        demo.stop_server(server)
-
-
-def run(args, demo, address: str) -> int:
+    torch.set_num_threads(args.threads)
+    print(
+        f"machine: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+        f"threads: {args.teacher_threads} for the server, {args.threads} for this process"
+    )
     started = time.perf_counter()
-    client = Client(address)
-    info = client.info()
     teacher = TeacherLogitsServer(args.model, device="cpu", num_samples=None)
     tokenizer = load_tokenizer(args.model)
     train_rows, held_rows, _ = demo.token_rows(
         tokenizer, args.seq_len, args.steps * args.batch_size, args.held_out
     )
-    print(
-        f"teacher {info['model']}: {len(train_rows)} training rows, {len(held_rows)} held-out "
-        f"rows of {args.seq_len} tokens; {args.steps} steps of {args.batch_size} rows"
-    )
     held_out = [
         (ids, teacher.compute(ids, output_format="full").logits)
         for ids in held_rows.split(args.batch_size)
     ]
+    print(
+        f"{len(train_rows)} training rows, {len(held_rows)} held-out rows of {args.seq_len} "
+        f"tokens; {args.steps} steps of {args.batch_size} rows; server seeds {args.server_seeds}"
+    )
+    runs = []
+    for seed in args.server_seeds:
+        try:
+            server, address = demo.start_server(args, seed=seed)
+        except demo.ServerStartError as e:
+            raise SystemExit(f"error: {e}") from None
+        try:
+            runs.append(run(args, demo, address, seed, teacher, train_rows, held_out))
+        finally:
+            demo.stop_server(server, args.shm_path)
+    report(args, runs, len(held_rows), time.perf_counter() - started)
+    return 0
 
-    base = demo.build_student(info["vocab_size"], args)
+
+def run(args, demo, address: str, server_seed: int, teacher, train_rows, held_out) -> dict:
+    """The four arms, side by side, with the server sampling from ``server_seed``."""
+    started = time.perf_counter()
+    client = Client(address)
+    info = client.info()
+    base = demo.build_student(info["vocab_size"], args)  # seeds torch with args.seed
     students = {arm: copy.deepcopy(base) for arm in ARMS}
     optims, scheds = {}, {}
     warmup = max(1, args.steps // 10)
@@ -170,10 +244,10 @@ def run(args, demo, address: str) -> int:
     batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), args.steps)
     history = {arm: [evaluate(m, held_out)] for arm, m in students.items()}
     eval_steps = [0]
-    sampled_bytes: list[float] = []
-    k = None
+    sampled_bytes = k = None
     w = args.kd_weight
-    for step, batch in enumerate(tqdm(batches, total=args.steps, desc="arms", unit="step"), 1):
+    desc = f"server seed {server_seed}"
+    for step, batch in enumerate(tqdm(batches, total=args.steps, desc=desc, unit="step"), 1):
         ids = batch["input_ids"]
         served = teacher_from_batch(batch)
         if served is None:
@@ -181,9 +255,8 @@ def run(args, demo, address: str) -> int:
         with torch.no_grad():
             full = teacher.compute(ids, output_format="full")
         if k is None:  # match the sampled arm's bytes per position on its first batch
-            sampled_bytes.append(wire_bytes_per_position(served))
-            per_pos = sampled_bytes[0]
-            k = max(1, round((per_pos - topk_bytes_per_position(0)) / 12))
+            sampled_bytes = wire_bytes_per_position(served)
+            k = max(1, round((sampled_bytes - topk_bytes_per_position(0)) / 12))
         flat = full.logits.reshape(-1, full.logits.shape[-1])
         topk = build_output(
             "topk", [(0, flat)], full.batch_size, full.num_positions, full.vocab_size,
@@ -210,70 +283,147 @@ def run(args, demo, address: str) -> int:
             eval_steps.append(step)
             for arm, model in students.items():
                 history[arm].append(evaluate(model, held_out))
+    return {
+        "server_seed": server_seed,
+        "teacher": info["model"],
+        "num_samples": info["num_samples"],
+        "vocab_size": info["vocab_size"],
+        "topk_k": k,
+        "sampled_bytes_per_position": sampled_bytes,
+        "eval_steps": eval_steps,
+        "history": history,
+        "seconds": time.perf_counter() - started,
+    }
 
-    final = {arm: h[-1] for arm, h in history.items()}
-    first = history["ce"][0]
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), range and the values."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "values": values,
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per arm, over runs: final held-out KL and CE, and KL relative to ce and full (the ratio
+    taken within each run, then averaged)."""
+    summary = {}
+    for arm in ARMS:
+        finals = [r["history"][arm][-1] for r in runs]
+        kl_ce = [r["history"]["ce"][-1]["kl"] for r in runs]
+        kl_full = [r["history"]["full"][-1]["kl"] for r in runs]
+        summary[arm] = {
+            "kl": spread([f["kl"] for f in finals]),
+            "ce": spread([f["ce"] for f in finals]),
+            "kl_vs_ce": spread([f["kl"] / c for f, c in zip(finals, kl_ce, strict=True)]),
+            "kl_vs_full": spread([f["kl"] / c for f, c in zip(finals, kl_full, strict=True)]),
+        }
+    return summary
+
+
+def _pm(s: dict, digits: int = 3) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def report(args, runs: list[dict], n_held: int, seconds: float) -> None:
+    summary = summarise(runs)
+    first = runs[0]["history"]["ce"][0]
+    vocab = runs[0]["vocab_size"]
     print(
-        f"\nheld-out: {len(held_rows)} rows x {args.seq_len} tokens, exact KL from the full "
-        f"teacher logits; at step 0 every arm has KL {first['kl']:.3f}, CE {first['ce']:.3f}"
+        f"\nheld-out: {n_held} rows x {args.seq_len} tokens, exact KL from the full teacher "
+        f"logits; at step 0 every arm has KL {first['kl']:.3f}, CE {first['ce']:.3f}; "
+        f"{len(runs)} run(s), server seeds {[r['server_seed'] for r in runs]}: mean ± standard "
+        "deviation [range]"
     )
-    print("| arm | teacher signal | bytes/position | held-out KL | vs ce | vs full | held-out CE |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    ks = sorted({r["topk_k"] for r in runs})
+    sampled_bytes = statistics.fmean(r["sampled_bytes_per_position"] for r in runs)
+    topk_bytes = statistics.fmean(topk_bytes_per_position(r["topk_k"]) for r in runs)
     signal_of = {
         "ce": ("none (labels only)", "0"),
-        "sampled": (
-            f"{info['num_samples']} samples, compact, served",
-            f"{sampled_bytes[0]:.0f}",
-        ),
-        "full": ("full logits, in-process", f"{full.vocab_size * 4}"),
-        "topk": (f"top-{k}, renormalised", f"{topk_bytes_per_position(k):.0f}"),
+        "sampled": (f"{runs[0]['num_samples']} samples, compact, served", f"{sampled_bytes:.0f}"),
+        "full": ("full logits, in-process", f"{vocab * 4}"),
+        "topk": (f"top-{'/'.join(map(str, ks))}, renormalised", f"{topk_bytes:.0f}"),
     }
+    print("| arm | teacher signal | bytes/position | held-out KL | vs ce | vs full | held-out CE |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for arm in ARMS:
-        r = final[arm]
+        r = summary[arm]
         what, nbytes = signal_of[arm]
         print(
-            f"| {arm} | {what} | {nbytes} | {r['kl']:.3f} | {r['kl'] / final['ce']['kl']:.2f}x "
-            f"| {r['kl'] / final['full']['kl']:.2f}x | {r['ce']:.3f} |"
+            f"| {arm} | {what} | {nbytes} | {_pm(r['kl'])} [{r['kl']['min']:.3f}, "
+            f"{r['kl']['max']:.3f}] | {_pm(r['kl_vs_ce'])} | {_pm(r['kl_vs_full'])} "
+            f"| {_pm(r['ce'])} |"
         )
-    vs_ce = final["sampled"]["kl"] / final["ce"]["kl"]
-    vs_full = final["sampled"]["kl"] / final["full"]["kl"]
+    vs_ce, vs_full = summary["sampled"]["kl_vs_ce"], summary["sampled"]["kl_vs_full"]
+    targets = {
+        "kl_vs_ce": {
+            "target": KL_VS_CE_TARGET,
+            "met_by_mean": vs_ce["mean"] <= KL_VS_CE_TARGET,
+            "runs_met": sum(v <= KL_VS_CE_TARGET for v in vs_ce["values"]),
+        },
+        "kl_vs_full": {
+            "target": KL_VS_FULL_TARGET,
+            "met_by_mean": vs_full["mean"] <= KL_VS_FULL_TARGET,
+            "runs_met": sum(v <= KL_VS_FULL_TARGET for v in vs_full["values"]),
+        },
+    }
+    n = len(runs)
     print(
-        f"targets: sampled KL <= {KL_VS_CE_TARGET:.2f}x ce's: {vs_ce:.2f}x "
-        f"({'met' if vs_ce <= KL_VS_CE_TARGET else 'MISSED'}); sampled KL <= "
-        f"{KL_VS_FULL_TARGET:.2f}x full's: {vs_full:.2f}x "
-        f"({'met' if vs_full <= KL_VS_FULL_TARGET else 'MISSED'}); "
-        f"{time.perf_counter() - started:.0f} s"
+        f"targets: sampled KL <= {KL_VS_CE_TARGET:.2f}x ce's: {_pm(vs_ce)} "
+        f"({'met' if targets['kl_vs_ce']['met_by_mean'] else 'MISSED'} on the mean, in "
+        f"{targets['kl_vs_ce']['runs_met']}/{n} runs); sampled KL <= {KL_VS_FULL_TARGET:.2f}x "
+        f"full's: {_pm(vs_full)} ({'met' if targets['kl_vs_full']['met_by_mean'] else 'MISSED'}"
+        f" on the mean, in {targets['kl_vs_full']['runs_met']}/{n} runs); {seconds:.0f} s"
     )
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "machine": {"node": platform.node(), "cpus": os.cpu_count()},
-                    "args": {k_: str(v) for k_, v in vars(args).items()},
-                    "topk_k": k,
-                    "sampled_bytes_per_position": sampled_bytes[0],
-                    "eval_steps": eval_steps,
-                    "history": history,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "seconds": seconds,
+                    "summary": summary,
+                    "targets": targets,
+                    "runs": runs,
                 },
                 indent=1,
             )
         )
     if args.plot:
-        plot(eval_steps, history, args.plot)
-    return 0
+        plot(runs, args.plot)
 
 
-def plot(steps: list[int], history: dict, path: Path) -> None:
+def plot(runs: list[dict], path: Path) -> None:
+    """Held-out curves per arm: the mean over runs, the range shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps = runs[0]["eval_steps"]
     fig, (ax_kl, ax_ce) = plt.subplots(1, 2, figsize=(11, 4))
     for arm in ARMS:
-        ax_kl.plot(steps, [h["kl"] for h in history[arm]], "o-", label=arm)
-        ax_ce.plot(steps, [h["ce"] for h in history[arm]], "o-", label=arm)
-    ax_kl.set(xlabel="step", ylabel="held-out KL(teacher || student), nats", yscale="log")
+        for ax, key in ((ax_kl, "kl"), (ax_ce, "ce")):
+            per_run = [[h[key] for h in r["history"][arm]] for r in runs]
+            mean = [statistics.fmean(v) for v in zip(*per_run, strict=True)]
+            (line,) = ax.plot(steps, mean, "o-", label=arm)
+            ax.fill_between(
+                steps,
+                [min(v) for v in zip(*per_run, strict=True)],
+                [max(v) for v in zip(*per_run, strict=True)],
+                color=line.get_color(),
+                alpha=0.2,
+            )
+    n = len(runs)
+    ax_kl.set(
+        xlabel="step",
+        ylabel="held-out KL(teacher || student), nats",
+        yscale="log",
+        title=f"mean of {n} server seed(s), range shaded",
+    )
     ax_ce.set(xlabel="step", ylabel="held-out cross-entropy, nats/token")
     for ax in (ax_kl, ax_ce):
         ax.legend()
