@@ -12,8 +12,8 @@ same order, for the same number of steps, with the same optimizer and schedule:
 * ``ce``: cross-entropy only;
 * ``sampled``: ``(1 - w) * CE + w * sampled_kd_loss`` (``w``: ``--kd-weight``, 0.9) with the
   teacher's answers served by ``sensai serve`` (compact format, ``--num-samples`` samples at
-  temperature 1, ``--seed`` set to the run's server seed) to two DataLoader workers through
-  the collate wrapper;
+  temperature 1) to two DataLoader workers through the collate wrapper; each request carries
+  a seed drawn from the run's server seed and the batch's tokens (`SeededClient`);
 * ``full``: ``(1 - w) * CE + w * full_kd_loss`` against the teacher's full logits, computed
   in this process;
 * ``topk``: ``(1 - w) * CE + w * topk_kd_loss`` against the renormalised top-k, k chosen so
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -145,6 +146,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class SeededClient(Client):
+    """A `Client` whose requests carry a seed drawn from the run's server seed and the batch's
+    token ids: each batch gets its own reproducible draw, whatever worker sends it and in
+    whatever order. (A server ``--seed`` alone gives every seedless request the same seed,
+    so every batch would reuse one random stream: the same quantiles of each position's
+    distribution at every step, a fixed and biased target instead of independent samples.)"""
+
+    def __init__(self, address: str, run_seed: int, **kwargs) -> None:
+        super().__init__(address, **kwargs)
+        self.run_seed = run_seed
+
+    def get_teacher_logits(self, input_ids, attention_mask=None, *, seed=None, **kwargs):
+        if seed is None:
+            ids = torch.as_tensor(input_ids).to(torch.int64).contiguous()
+            digest = hashlib.blake2b(
+                ids.numpy().tobytes(), digest_size=8, key=self.run_seed.to_bytes(8, "little")
+            ).digest()
+            seed = int.from_bytes(digest, "little") >> 1  # the server takes [0, 2**64)
+        return super().get_teacher_logits(input_ids, attention_mask, seed=seed, **kwargs)
+
+
 def wire_bytes_per_position(out) -> float:
     """Bytes per real position of a teacher answer on the wire (all its tensors)."""
     return out.nbytes / max(1, out.batch_size * out.num_positions)
@@ -214,7 +236,7 @@ def main(argv=None) -> int:
 def run(args, demo, address: str, server_seed: int, teacher, train_rows, held_out) -> dict:
     """The four arms, side by side, with the server sampling from ``server_seed``."""
     started = time.perf_counter()
-    client = Client(address)
+    client = SeededClient(address, server_seed)
     info = client.info()
     base = demo.build_student(info["vocab_size"], args)  # seeds torch with args.seed
     students = {arm: copy.deepcopy(base) for arm in ARMS}
