@@ -172,3 +172,18 @@ def test_a_server_that_does_not_start_is_a_clear_error(
     pid = re.search(r"teacher server: pid (\d+)", done.stdout)
     assert pid and not os.path.exists(f"/proc/{pid.group(1)}")
     assert not os.path.exists(shm) and not os.path.exists(shm + ".lock")
+
+
+def test_missing_matplotlib_is_named_before_anything_starts(short_tmp: str) -> None:
+    """Without matplotlib the demo would train for minutes, then fail on its plot."""
+    code = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; "
+        f"sys.argv = [{str(DEMO)!r}, '--out', {short_tmp!r}]; "
+        f"runpy.run_path({str(DEMO)!r}, run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env()
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "needs matplotlib" in done.stderr and "pip install 'sensai[demo]'" in done.stderr
+    assert "teacher server: pid" not in done.stdout  # nothing started

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -105,3 +107,12 @@ def test_bad_trainer_options_are_refused(tmp_path) -> None:
         DistillationTrainer(model=None, kd_weight=1.5)
     with pytest.raises(ValueError, match="kd_loss must be one of"):
         DistillationTrainer(model=None, kd_loss="mse")
+
+
+# ------------------------------------------------------------------------ install checks
+def test_missing_accelerate_is_named_at_import() -> None:
+    code = "import sys; sys.modules['accelerate'] = None; import sensai.hf"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "sensai.hf needs the accelerate package" in done.stderr
+    assert "pip install 'sensai[hf]'" in done.stderr

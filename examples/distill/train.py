@@ -30,6 +30,7 @@ import argparse
 import ast
 import collections
 import contextlib
+import importlib.util
 import io
 import itertools
 import json
@@ -373,6 +374,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    missing = [m for m in ("matplotlib",) if importlib.util.find_spec(m) is None]
+    if missing:  # found now, not after minutes of training
+        print(
+            f"the demo needs {', '.join(missing)} for its plot, which is not installed: "
+            "pip install 'sensai[demo]' (or: pip install matplotlib)",
+            file=sys.stderr,
+        )
+        return 2
     # The teacher and the student share this machine's cores: two thread pools that each take
     # every core thrash (on 2 cores, 1 + 1 threads ran the defaults in 88 s instead of 145 s).
     torch.set_num_threads(args.threads)

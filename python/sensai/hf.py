@@ -23,13 +23,23 @@ The loss is ``(1 - kd_weight) * cross_entropy + kd_weight * kd``, where ``kd`` i
 same signature) between the student's logits and the teacher's answer. Cross-entropy is the
 model's own loss from ``labels``; without labels the loss is the KD alone. A batch whose
 teacher request failed (the wrapper warned) trains on cross-entropy alone.
+
+Needs ``accelerate`` (the Trainer does): ``pip install 'sensai[hf]'``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Callable
 from typing import Any
+
+if importlib.util.find_spec("accelerate") is None:
+    raise ImportError(
+        "sensai.hf needs the accelerate package (transformers' Trainer and TrainingArguments "
+        "require it), which is not installed: pip install 'sensai[hf]' (or: pip install "
+        "'accelerate>=0.30')"
+    )
 
 import torch
 from transformers import Trainer
