@@ -88,6 +88,9 @@ def _seed_loss_sum(student, teacher, tau):
         ("compact", 2.0, 2.0),
         ("sampled", 1.5, 1.0),  # distil at 1 from samples at 1.5: importance weights
         ("compact", 1.6, 1.0),
+        ("coo", 1.0, 1.0),  # the third format sampled_kd_loss takes
+        ("coo", 2.0, 2.0),
+        ("coo", 1.4, 1.0),
     ],
 )
 def test_mean_sampled_gradient_matches_the_full_kl_gradient(fmt, server_t, tau) -> None:

@@ -9,7 +9,8 @@ What it does, all on this machine and nothing downloaded:
    process and waits for the address it prints;
 2. builds the text from the docstrings of the Python standard library installed here (read
    with ``ast``, never imported), tokenised with the teacher's tokenizer, cut into
-   ``--seq-len`` token rows; a few rows from other modules are held out;
+   ``--seq-len`` token rows; every tenth docstring is held out (text the student never
+   trains on);
 3. trains a few-layer Llama-shaped student (random init, the teacher's vocabulary) with
    ``(1 - w) * cross-entropy + w * sampled KD`` (`sensai.losses.sampled_kd_loss`), the teacher's
    answers fetched by ``--workers`` DataLoader worker processes through
