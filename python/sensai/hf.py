@@ -1,9 +1,11 @@
 """Hugging Face ``transformers.Trainer`` integration: a trainer whose loss mixes cross-entropy
 with distillation from a SensAI server.
 
-Only ``compute_loss`` is overridden (and ``log``, to report the two parts); everything else is
-the stock Trainer. The teacher's answer comes in the batch, put there by
-`sensai.wrap_collate_function` in each DataLoader worker::
+``compute_loss`` is overridden for the loss; ``log`` and ``evaluate`` only to report the two
+parts (``kd_loss``/``ce_loss`` in training logs, ``eval_kd_loss``/``eval_ce_loss`` in
+evaluation metrics). Everything else is the stock Trainer. The teacher's answer comes in the
+batch, put there by `sensai.wrap_collate_function` in each DataLoader worker (a runnable
+version: ``examples/hf_trainer/train.py``)::
 
     from sensai import Client, wrap_collate_function
     from sensai.hf import DistillationTrainer
@@ -22,7 +24,9 @@ The loss is ``(1 - kd_weight) * cross_entropy + kd_weight * kd``, where ``kd`` i
 `sensai.losses.sampled_kd_loss` (or ``kd_loss="topk"``/``"full"``, or any callable with the
 same signature) between the student's logits and the teacher's answer. Cross-entropy is the
 model's own loss from ``labels``; without labels the loss is the KD alone. A batch whose
-teacher request failed (the wrapper warned) trains on cross-entropy alone.
+teacher request failed (the wrapper warned) trains on cross-entropy alone. With gradient
+accumulation the KD term (a mean over the batch's positions) is scaled like the Trainer
+scales the cross-entropy, so both keep their weights.
 
 Needs ``accelerate`` (the Trainer does): ``pip install 'sensai[hf]'``.
 """
@@ -30,6 +34,7 @@ Needs ``accelerate`` (the Trainer does): ``pip install 'sensai[hf]'``.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -98,8 +103,13 @@ class DistillationTrainer(Trainer):
         self.kd_loss_fn = kd_loss
         self.kd_loss_kwargs = dict(kd_loss_kwargs or {})
         self.teacher_attribute = teacher_attribute
-        self._parts: dict[str, list[torch.Tensor]] = {"kd_loss": [], "ce_loss": []}
+        # Per mode ("train": the model in training mode, "eval": evaluate/predict), the parts
+        # since they were last logged: evaluation never leaks into a training log entry.
+        self._parts: dict[str, dict[str, list[torch.Tensor]]] = {
+            mode: {"kd_loss": [], "ce_loss": []} for mode in ("train", "eval")
+        }
         self._warned_missing = False
+        self._evaluating = False
 
     def _split_teacher(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         attr = self.teacher_attribute
@@ -110,16 +120,39 @@ class DistillationTrainer(Trainer):
         return model_inputs, teacher
 
     def _kd_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
-        """Whether the Trainer takes this step's loss as already divided over gradient
-        accumulation (as it decides in ``training_step``): then the KD term, a per-batch
-        mean, is divided here so both parts are weighed alike."""
+        """Whether the Trainer takes this training step's loss as already divided over the
+        gradient accumulation steps (and so will not divide it): then the KD term, a mean
+        over this batch, is divided here, and both parts keep their weights.
+
+        In order, so that it holds across transformers versions:
+
+        1. ``loss_is_scaled_for_ga`` when set (the public switch of recent versions, also
+           settable by a user on this trainer);
+        2. a ``compute_loss_func`` was given: the Trainer leaves the loss to it, never
+           dividing (every version that has the argument);
+        3. no ``num_items_in_batch`` (every version before 4.46; later ones when they do not
+           count label tokens): the Trainer divides the loss itself;
+        4. with the count, the Trainer leaves the loss alone exactly when the model's
+           cross-entropy was normalised by it: the model takes loss keyword arguments
+           (``model_accepts_loss_kwargs``, or, where a version lacks that attribute, a
+           ``num_items_in_batch`` or ``**kwargs`` parameter of its ``forward``).
+        """
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is not None:
             return bool(scaled)
-        return bool(
-            (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
-            or getattr(self, "compute_loss_func", None) is not None
-        )
+        if getattr(self, "compute_loss_func", None) is not None:
+            return True
+        if num_items_in_batch is None:
+            return False
+        accepts = getattr(self, "model_accepts_loss_kwargs", None)
+        if accepts is None:
+            accepts = _forward_takes_loss_kwargs(self.model)
+        return bool(accepts)
+
+    def _accumulation_steps(self) -> int:
+        """Micro-batches in this optimizer step (fewer at the end of an epoch)."""
+        steps = getattr(self, "current_gradient_accumulation_steps", None)
+        return int(steps or self.args.gradient_accumulation_steps)
 
     def compute_loss(
         self,
@@ -137,6 +170,14 @@ class DistillationTrainer(Trainer):
         else:
             outputs = model(**model_inputs)
             ce = None
+        training = model.training
+        parts = self._parts["train" if training else "eval"]
+        # Evaluation losses are never divided for accumulation (no backward pass).
+        scaled = training and self._kd_is_scaled_for_ga(num_items_in_batch)
+        steps = self._accumulation_steps() if scaled else 1
+        if ce is not None:
+            # Logged per batch, as without accumulation (the Trainer's own loss is its sum).
+            parts["ce_loss"].append(ce.detach() * steps)  # no device sync per step
         if teacher is None:
             if not self._warned_missing:
                 warnings.warn(
@@ -155,21 +196,46 @@ class DistillationTrainer(Trainer):
         else:
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
             kd = self.kd_loss_fn(logits, teacher, self.kd_temperature, **self.kd_loss_kwargs)
-            self._parts["kd_loss"].append(kd.detach())  # no device sync per step
-            if ce is None:
-                loss = kd
-            else:
-                if self._kd_is_scaled_for_ga(num_items_in_batch):
-                    steps = getattr(self, "current_gradient_accumulation_steps", None)
-                    kd = kd / (steps or self.args.gradient_accumulation_steps)
-                loss = (1.0 - self.kd_weight) * ce + self.kd_weight * kd
-        if ce is not None:
-            self._parts["ce_loss"].append(ce.detach())
+            parts["kd_loss"].append(kd.detach())
+            kd = kd / steps
+            loss = kd if ce is None else (1.0 - self.kd_weight) * ce + self.kd_weight * kd
         return (loss, outputs) if return_outputs else loss
 
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        for values in self._parts["eval"].values():  # nothing from an earlier predict()
+            values.clear()
+        outer, self._evaluating = self._evaluating, True  # nested: one call per eval set
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._evaluating = outer
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        for name, values in self._parts.items():
-            if values and "loss" in logs:
-                logs[name] = round(float(torch.stack(values).float().mean()), 4)
-                values.clear()
+        if "loss" in logs:  # a training log entry: the parts since the last one
+            self._add_parts(logs, "train", "")
+        elif self._evaluating:  # evaluate()'s metrics: <prefix>_loss, <prefix>_runtime, ...
+            prefix = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime")), None)
+            if prefix is not None:
+                self._add_parts(logs, "eval", prefix + "_")
         super().log(logs, *args, **kwargs)
+
+    def _add_parts(self, logs: dict[str, float], mode: str, prefix: str) -> None:
+        for name, values in self._parts[mode].items():
+            if values:
+                logs[prefix + name] = round(float(torch.stack(values).float().mean()), 4)
+                values.clear()
+
+
+def _forward_takes_loss_kwargs(model: Any) -> bool:
+    """Whether ``model.forward`` takes ``num_items_in_batch`` (named or through ``**kwargs``),
+    as the Trainer checks where it has no ``model_accepts_loss_kwargs``."""
+    forward = getattr(model, "forward", None)
+    if forward is None:
+        return False
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "num_items_in_batch" for p in params
+    )
