@@ -582,9 +582,10 @@ impl ServerEndpoint for FifoServer {
             return;
         }
         self.closed = true;
+        // Slot n is the one a failed start may have left half-made (some of its files).
         let n = self.slots.len();
         self.slots.clear();
-        self.remove_slot_files(n);
+        self.remove_slot_files(n + 1);
         if let Some(lock) = self.lock.take() {
             let _ = std::fs::remove_file(lock.path());
         }
