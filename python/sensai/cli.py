@@ -182,8 +182,10 @@ def serve_options(f: Any) -> Any:
             "--seed",
             type=click.IntRange(0, 2**64 - 1),
             default=None,
-            help="Default seed for requests that carry none (each such request then runs "
-            "alone in the sampling formats, reproducibly).",
+            help="Default seed for requests that carry none: each such request then runs "
+            "alone in the sampling formats and draws the same random numbers, reproducibly. "
+            "For checks, not for training, where every batch needs fresh draws (leave it "
+            "unset, or give each request its own seed).",
         ),
         click.option(
             "--log-level",
