@@ -105,18 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="one run per seed of the server's sampling (sensai serve --seed), comma-separated",
     )
     ap.add_argument("--model", default=None, help="teacher (default: the embedded SmolLM2)")
-    cores = len(os.sched_getaffinity(0))
-    ap.add_argument(
-        "--teacher-threads",
-        type=int,
-        default=max(1, cores // 2),
-        help="the teacher server's CPU threads (default: half the cores)",
-    )
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="this process's CPU threads: students and in-process teacher (default: the rest)",
+    _demo().add_thread_args(
+        ap, "this process's CPU threads: students and in-process teacher (default: the rest)"
     )
     ap.add_argument(
         "--server-timeout", type=float, default=300.0, help="seconds to wait for the server"
@@ -137,10 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--kd-weight must be in [0, 1]")
     if args.server_timeout <= 0:
         ap.error("--server-timeout must be > 0 seconds")
-    if args.teacher_threads < 1 or (args.threads is not None and args.threads < 1):
-        ap.error("--teacher-threads and --threads must be >= 1")
-    if args.threads is None:
-        args.threads = max(1, cores - args.teacher_threads)
+    _demo().resolve_threads(ap, args)
     args.temperature, args.out = 1.0, None
     args.shm_path = f"/dev/shm/sensai-quality-{os.getpid()}"
     return args

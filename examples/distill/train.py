@@ -320,6 +320,26 @@ def plot(history: dict, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------- main
+def add_thread_args(ap: argparse.ArgumentParser, threads_help: str) -> None:
+    """``--teacher-threads`` (the server's, default half the cores) and ``--threads`` (this
+    process's, default the rest): two torch pools that each take every core thrash."""
+    ap.add_argument(
+        "--teacher-threads",
+        type=int,
+        default=max(1, len(os.sched_getaffinity(0)) // 2),
+        help="the teacher server's CPU threads (default: half the cores)",
+    )
+    ap.add_argument("--threads", type=int, default=None, help=threads_help)
+
+
+def resolve_threads(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the two thread counts and give ``--threads`` its default, the cores left."""
+    if args.teacher_threads < 1 or (args.threads is not None and args.threads < 1):
+        ap.error("--teacher-threads and --threads must be >= 1")
+    if args.threads is None:
+        args.threads = max(1, len(os.sched_getaffinity(0)) - args.teacher_threads)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps")
@@ -336,16 +356,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-every", type=int, default=10, help="steps between held-out evals")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None, help="teacher (default: the embedded SmolLM2)")
-    cores = len(os.sched_getaffinity(0))
-    ap.add_argument(
-        "--teacher-threads",
-        type=int,
-        default=max(1, cores // 2),
-        help="the teacher server's CPU threads (default: half the cores)",
-    )
-    ap.add_argument(
-        "--threads", type=int, default=None, help="the student's CPU threads (default: the rest)"
-    )
+    add_thread_args(ap, "the student's CPU threads (default: the rest)")
     ap.add_argument("--out", type=Path, default=Path("distill-out"), help="plot and metrics")
     ap.add_argument("--shm-path", default=f"/dev/shm/sensai-distill-{os.getpid()}")
     ap.add_argument(
@@ -366,10 +377,7 @@ def parse_args(argv=None):
         ap.error("--kd-weight must be in [0, 1]")
     if args.server_timeout <= 0:
         ap.error("--server-timeout must be > 0 seconds")
-    if args.teacher_threads < 1 or (args.threads is not None and args.threads < 1):
-        ap.error("--teacher-threads and --threads must be >= 1")
-    if args.threads is None:
-        args.threads = max(1, cores - args.teacher_threads)
+    resolve_threads(ap, args)
     return args
 
 
