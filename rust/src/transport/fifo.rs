@@ -31,13 +31,12 @@ use crate::error::{Error, IoContext, Result};
 use crate::frame::{self, control, error_code, DType, Kind, Limits, Meta, TensorRef};
 use crate::transport::lock::{pid_alive, read_pid, LockFile};
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
-use crate::transport::wait_fd;
+use crate::transport::wait_fds;
 use crate::transport::{
     check_client_kind, check_private, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
     request_context, take_answer, ClientEndpoint, Deadline, DirWatch, Interrupt, Message,
     ServerEndpoint, HANDSHAKE_LIMITS,
 };
-use std::os::fd::AsFd;
 
 const MAX_PENDING: usize = 8;
 /// Kernel buffer asked for each FIFO (the default is 64 KiB; Linux caps unprivileged
@@ -118,6 +117,15 @@ fn check_pipe_dir(dir: &Path, forbidden: Option<u32>) -> Result<std::fs::Metadat
 fn check_fifo(f: &File, path: &Path) -> Result<()> {
     let md = f.metadata().at("cannot inspect", path)?;
     check_private("FIFO", path, &md, 0o077, "0600", "connect")
+}
+
+/// Whether `path` still names the file `f` was opened from (same device and inode). The
+/// server replaces a slot's FIFOs by unlinking them and making new ones at the same paths.
+fn still_names(path: &Path, f: &File) -> bool {
+    match (std::fs::symlink_metadata(path), f.metadata()) {
+        (Ok(p), Ok(o)) => p.dev() == o.dev() && p.ino() == o.ino(),
+        _ => false,
+    }
 }
 
 fn make_fifo(path: &Path) -> Result<()> {
@@ -721,6 +729,17 @@ impl FifoClient {
         // ENXIO here means no server holds the read end.
         let req = open_fifo(&rq, true).map_err(|e| gone(e, &rq))?;
         check_fifo(&req, &rq)?;
+        // The server replaces a slot's FIFOs after a bad frame (unlink both, make both, open
+        // the new request FIFO). A replacement between our two opens leaves us holding the old
+        // response FIFO, which nobody will ever write to: start over. One after both opens
+        // closes the server's read end of the request FIFO we hold, which the wait for the
+        // acknowledgement below notices.
+        if !still_names(&rs, &resp) || !still_names(&rq, &req) {
+            return Err(Error::PeerGone(format!(
+                "the server replaced the FIFOs of slot {slot} of {} while we opened them",
+                dir.display()
+            )));
+        }
         let mut c = FifoClient {
             dir: dir.to_path_buf(),
             slot,
@@ -743,8 +762,9 @@ impl FifoClient {
             app_value: slot as u64,
         };
         let what = format!("connecting to slot {slot} of {}", dir.display());
-        // The handshake gets its own short deadline: if the server recreated the slot's
-        // FIFOs meanwhile, our HELLO went to the old ones and we start over.
+        // The handshake gets its own short deadline, a last resort: a server that replaces
+        // the slot's FIFOs after we opened them closes the read end of our request FIFO, and
+        // we start over as soon as that shows (below).
         let hs = Deadline::after(Some(
             deadline
                 .remaining()
@@ -773,33 +793,43 @@ impl FifoClient {
             &mut live,
         )?;
         let resp = c.resp.as_mut().ok_or(Error::Closed)?;
+        let req = c.req.as_ref().ok_or(Error::Closed)?;
         // Until the server opens its end of the response FIFO, reads see end-of-file and
         // poll reports nothing; a hang-up is reported only once a writer has come and gone.
         // So end-of-file here means "not yet", and only a hang-up means the server left.
+        // The request FIFO's write end reports an error once no reader is left: the server
+        // replaced the slot's FIFOs before it read our HELLO (or exited).
         let msg = loop {
             match c.reader.read_from(resp)? {
                 ReadStatus::Frame(m) => break m,
                 ReadStatus::WouldBlock | ReadStatus::Eof => {}
             }
-            let ev = match wait_fd(
-                resp.as_fd(),
-                PollFlags::IN,
-                &hs,
-                interrupt,
-                &|| what.clone(),
-                &mut live,
-            ) {
-                Ok(ev) => ev,
+            let mut fds = [
+                PollFd::new(&*resp, PollFlags::IN),
+                PollFd::new(req, PollFlags::empty()),
+            ];
+            match wait_fds(&mut fds, &hs, interrupt, &|| what.clone(), &mut live) {
+                Ok(()) => {}
                 Err(Error::Timeout { .. }) => {
                     return Err(Error::PeerGone(format!(
                         "{what}: the server did not acknowledge"
                     )))
                 }
                 Err(e) => return Err(e),
-            };
-            if ev.intersects(PollFlags::HUP | PollFlags::ERR) && !ev.contains(PollFlags::IN) {
+            }
+            let (ev, req_ev) = (fds[0].revents(), fds[1].revents());
+            if ev.contains(PollFlags::IN) {
+                continue;
+            }
+            if ev.intersects(PollFlags::HUP | PollFlags::ERR) {
                 return Err(Error::PeerGone(format!(
                     "{what}: the server closed the slot"
+                )));
+            }
+            if req_ev.intersects(PollFlags::HUP | PollFlags::ERR) {
+                return Err(Error::PeerGone(format!(
+                    "{what}: the server stopped reading the request FIFO before it answered \
+                     our hello (it replaced the slot's FIFOs)"
                 )));
             }
         };
@@ -1004,6 +1034,53 @@ mod tests {
         }
         let c = client.join().expect("thread").expect("client");
         assert_eq!(c.slot(), 0);
+    }
+
+    /// The server replaced the slot's FIFOs (as after a previous client's bad frame) while a
+    /// connecting client's HELLO sat in the old request FIFO: the client starts over at once
+    /// instead of waiting out the 2 s handshake deadline (in a wire-fuzz profile, one connect
+    /// in six right after a bad frame waited it out).
+    #[test]
+    fn a_hello_lost_to_replaced_fifos_is_sent_again_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pipes");
+        let mut srv = FifoServer::bind(&path, 1, Limits::default()).expect("bind");
+        let client = connect(&path);
+        {
+            let mut fds = [PollFd::new(&srv.slots[0].req, PollFlags::IN)];
+            let n = poll_fds(&mut fds, Duration::from_secs(10)).expect("poll");
+            assert!(n > 0, "no hello came within 10 s");
+        }
+        let replaced = std::time::Instant::now();
+        srv.reset_slot(0, true).expect("replace the FIFOs");
+        while !client.is_finished() {
+            srv.pump(Duration::from_millis(10)).expect("pump");
+        }
+        let c = client.join().expect("thread").expect("client");
+        let took = replaced.elapsed();
+        assert_eq!(c.slot(), 0);
+        assert!(
+            took < Duration::from_secs(1),
+            "the client connected {took:?} after the replacement; expected well under the 2 s \
+             handshake deadline"
+        );
+    }
+
+    /// What a client checks after opening a slot's FIFOs: a path the server replaced since
+    /// no longer names the FIFO that was opened from it.
+    #[test]
+    fn a_replaced_fifo_is_told_from_the_one_that_was_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pipes");
+        let mut srv = FifoServer::bind(&path, 1, Limits::default()).expect("bind");
+        let rs = resp_path(&path, 0);
+        let old = open_fifo(&rs, false).expect("open");
+        assert!(still_names(&rs, &old));
+        srv.reset_slot(0, true).expect("replace the FIFOs");
+        assert!(!still_names(&rs, &old));
+        assert!(still_names(&rs, &open_fifo(&rs, false).expect("open")));
+        srv.close();
+        assert!(!still_names(&rs, &old));
     }
 
     /// The server polls the last client's hang-up; before it acts on that poll, the next

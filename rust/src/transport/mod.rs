@@ -308,11 +308,23 @@ pub(crate) fn wait_fd(
     what: &dyn Fn() -> String,
     liveness: &mut dyn FnMut() -> Result<()>,
 ) -> Result<PollFlags> {
+    let mut fds = [PollFd::from_borrowed_fd(fd, events)];
+    wait_fds(&mut fds, deadline, interrupt, what, liveness)?;
+    Ok(fds[0].revents())
+}
+
+/// [`wait_fd`] on several descriptors: returns once any of `fds` reports an event (read
+/// each one's `revents`).
+pub(crate) fn wait_fds(
+    fds: &mut [PollFd<'_>],
+    deadline: &Deadline,
+    interrupt: Interrupt<'_>,
+    what: &dyn Fn() -> String,
+    liveness: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
     loop {
-        let mut fds = [PollFd::from_borrowed_fd(fd, events)];
-        let n = poll_fds(&mut fds, deadline.slice())?;
-        if n > 0 {
-            return Ok(fds[0].revents());
+        if poll_fds(fds, deadline.slice())? > 0 {
+            return Ok(());
         }
         interrupt()?;
         liveness()?;
