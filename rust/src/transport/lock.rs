@@ -15,6 +15,10 @@
 //!   (`fchmod`): the file is ours, reuse is what stale lock files are for, and only our own
 //!   user can have widened it. A client (which never changes the server's files) refuses a
 //!   lease file that others may write to instead.
+//! * a lock is kept only if, once taken, the path still names the file that was opened (same
+//!   device and inode): a closing server removes its lock file by name, so a taker that
+//!   opened the file just before would otherwise lock a file nobody else can find, while a
+//!   third takes a new one at the path. Such a taker starts over on the path's file.
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
@@ -64,10 +68,13 @@ fn not_regular(path: &Path, kind: &str) -> Error {
     }
 }
 
+/// A lock file as [`open_lock`] opened it: the file, its metadata, and whether that call
+/// created it.
+type Opened = (File, Metadata, bool);
+
 /// Open the lock file at `path` for reading and writing, creating it (`O_EXCL`, 0600) when
-/// `create` and there is none, and check what was opened (see the module docs). Returns the
-/// file, its metadata, and whether this call created it.
-fn open_lock(path: &Path, create: bool) -> Result<(File, Metadata, bool)> {
+/// `create` and there is none, and check what was opened (see the module docs).
+fn open_lock(path: &Path, create: bool) -> Result<Opened> {
     // O_NONBLOCK | O_NOCTTY: opening whatever was planted there never blocks and never
     // acquires a terminal; the file type is checked right after.
     let flags = OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
@@ -116,17 +123,49 @@ impl LockFile {
     /// Take the lock at `path` (creating the file when `create`), or `None` if another
     /// process holds it. A file that is not a regular file of this user is refused.
     pub fn try_acquire(path: &Path, create: bool) -> Result<Option<LockFile>> {
-        let (file, md, created) = open_lock(path, create)?;
-        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(Errno::WOULDBLOCK) => return Ok(None),
-            Err(e) => {
-                if created {
-                    let _ = std::fs::remove_file(path);
+        Self::lock_opened(path, create, open_lock(path, create)?)
+    }
+
+    /// The second half of [`LockFile::try_acquire`]: lock the file `open_lock` opened, then
+    /// make sure `path` still names it. A server's close removes its lock file by name, and a
+    /// new one may have been created (and locked) at the path since we opened the old one: a
+    /// lock on the old one would be a second owner nobody can see. Then start over on the
+    /// path's new file.
+    fn lock_opened(path: &Path, create: bool, mut opened: Opened) -> Result<Option<LockFile>> {
+        let mut tries = 0;
+        let (file, md) = loop {
+            let (file, md, created) = opened;
+            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(Errno::WOULDBLOCK) => return Ok(None),
+                Err(e) => {
+                    if created {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(Error::io_path("cannot lock", path, e));
                 }
-                return Err(Error::io_path("cannot lock", path, e));
             }
-        }
+            match std::fs::symlink_metadata(path) {
+                Ok(now) if now.dev() == md.dev() && now.ino() == md.ino() => break (file, md),
+                // Removed (and maybe replaced) after we opened it: ours is not the lock file.
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io_path("cannot inspect lock file", path, e)),
+            }
+            drop(file);
+            tries += 1;
+            if tries > 16 {
+                return Err(Error::Io {
+                    context: format!(
+                        "cannot lock {}: the file was removed or replaced each of the {tries} \
+                         times we locked it; expected it to stay while we take it",
+                        path.display()
+                    ),
+                    source: std::io::Error::from_raw_os_error(Errno::BUSY.raw_os_error()),
+                });
+            }
+            opened = open_lock(path, create)?;
+        };
         if create && md.mode() & 0o7777 != LOCK_MODE {
             // Ours (checked above) and now held by us: a stale lock file someone widened, or
             // one created under a umask that narrowed 0600.
@@ -254,6 +293,38 @@ mod tests {
         assert_eq!(std::fs::read_link(&link).expect("link stays"), target);
         assert_eq!(std::fs::read_to_string(&target).expect("read"), "precious");
         assert_eq!(mode_of(&target), 0o644);
+    }
+
+    /// A server's close removes its lock file by name. A taker that opened the file just
+    /// before (A), and locks it just after, while a third (C) has created and locked a new file
+    /// at the path, must not hold a lock too: A's would be on a file nobody else can find.
+    #[test]
+    fn a_lock_on_a_file_removed_after_it_was_opened_is_not_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("ep.lock");
+        let b = LockFile::try_acquire(&p, true)
+            .expect("B")
+            .expect("B locks");
+        let opened = open_lock(&p, true).expect("A opens");
+        std::fs::remove_file(&p).expect("B's close removes the file");
+        drop(b);
+        let c = LockFile::try_acquire(&p, true)
+            .expect("C")
+            .expect("C locks");
+        let a = LockFile::lock_opened(&p, true, opened).expect("A");
+        assert!(a.is_none(), "A and C both hold a lock on {}", p.display());
+        drop(c);
+        // With C gone, the path's file is free: A's second try takes it.
+        let opened = open_lock(&p, true).expect("A opens");
+        std::fs::remove_file(&p).expect("removed");
+        let a = LockFile::lock_opened(&p, true, opened)
+            .expect("A")
+            .expect("A locks");
+        assert_eq!(
+            std::fs::metadata(a.path()).expect("stat").ino(),
+            a.file.metadata().expect("fstat").ino(),
+            "A holds a lock on a file the path no longer names"
+        );
     }
 
     /// A client (which never changes the server's files) refuses a lease file that others
