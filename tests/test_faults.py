@@ -470,9 +470,10 @@ def _sweep_full_device(
 ) -> tuple[int | None, list[str], list[str]]:
     """Start a server in ``mnt`` (a full filesystem), freeing one more unit (a page or an
     inode) before each further try, until one starts or ``tries`` failed, so that each try
-    fails one creation step later. Every failure must name the directory and say the device
-    is full. Returns the try that started (None if none did), the error texts and what the
-    failed tries left behind (removed, so that the next try starts clean)."""
+    fails one creation step later. Every failure must name the endpoint (not only a temporary
+    name the server makes a file under first) and say the device is full. Returns the try that
+    started (None if none did), the error texts and what the failed tries left behind
+    (removed, so that the next try starts clean)."""
     path = os.path.join(mnt, "ep")
     texts: list[str] = []
     left: list[str] = []
@@ -485,7 +486,7 @@ def _sweep_full_device(
         except (SensAIError, OSError) as e:
             text = str(e)
             texts.append(text)
-            assert mnt + "/" in text, f"try {i}: the error does not name {mnt}: {text}"
+            assert path in text, f"try {i}: the error does not name the endpoint {path}: {text}"
             if "for the shared-memory file" in text:  # the space check before reserving
                 assert f"for the shared-memory file {path}: " in text, text
                 assert "free there" in text and "enlarge the filesystem" in text, text

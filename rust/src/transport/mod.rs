@@ -549,6 +549,16 @@ impl DirWatch {
     }
 }
 
+/// The context of a failure on `tmp`, the temporary name under which a file is made before
+/// it is renamed to `path`: the error names `path`, which is what the user asked for.
+pub(crate) fn temp_context(what: &str, path: &Path, tmp: &Path) -> String {
+    format!(
+        "{what} {} (made at {} first, then renamed into place)",
+        path.display(),
+        tmp.display()
+    )
+}
+
 /// A random 64-bit value (handshake nonces, temporary names); not for cryptography.
 pub(crate) fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};

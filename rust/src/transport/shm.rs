@@ -99,7 +99,8 @@ use crate::sync::{futex_wait, futex_wake_all, Event, Wake};
 use crate::transport::lock::{pid_alive, LockFile};
 use crate::transport::{
     check_client_kind, check_private, check_slot, rand_u64, request_context, take_answer,
-    ClientEndpoint, Deadline, DirWatch, Interrupt, Message, ServerEndpoint, INTERRUPT_CHECK,
+    temp_context, ClientEndpoint, Deadline, DirWatch, Interrupt, Message, ServerEndpoint,
+    INTERRUPT_CHECK,
 };
 
 /// Magic at offset 0 of a shared-memory file (distinct from the frame magic).
@@ -740,6 +741,7 @@ impl ShmServer {
             std::process::id(),
             rand_u64()
         ));
+        let at_tmp = |what: &str| temp_context(what, path, &tmp);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -749,7 +751,7 @@ impl ShmServer {
                 (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32,
             )
             .open(&tmp)
-            .at("cannot create shared-memory file", &tmp)?;
+            .map_err(|e| Error::io(at_tmp("cannot create shared-memory file"), e))?;
         let result = (|| {
             match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, geo.file_len)
             {
@@ -758,15 +760,15 @@ impl ShmServer {
                     return Err(no_space(path, &geo, free_space(parent)));
                 }
                 // A filesystem without fallocate: size the file; pages come on first touch.
-                Err(rustix::io::Errno::OPNOTSUPP) => {
-                    file.set_len(geo.file_len).at("cannot size", &tmp)?
-                }
-                Err(e) => return Err(Error::io_path("cannot reserve space for", &tmp, e)),
+                Err(rustix::io::Errno::OPNOTSUPP) => file
+                    .set_len(geo.file_len)
+                    .map_err(|e| Error::io(at_tmp("cannot size shared-memory file"), e))?,
+                Err(e) => return Err(Error::io(at_tmp("cannot reserve space for"), e)),
             }
             let map = MmapOptions::new()
                 .len(geo.file_len as usize)
                 .map_raw(&file)
-                .at("cannot map", &tmp)?;
+                .map_err(|e| Error::io(at_tmp("cannot map shared-memory file"), e))?;
             let region = Region { map, geo };
             let w32 = |o: usize, v: u32| region.u32_at(o).store(v, Ordering::Relaxed);
             let w64 = |o: usize, v: u64| region.u64_at(o).store(v, Ordering::Relaxed);

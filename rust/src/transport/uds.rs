@@ -25,8 +25,8 @@ use crate::transport::lock::LockFile;
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::{
     check_client_kind, check_peer_uid, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
-    rand_u64, request_context, take_answer, ClientEndpoint, Deadline, DirWatch, Interrupt, Message,
-    ServerEndpoint, HANDSHAKE_LIMITS,
+    rand_u64, request_context, take_answer, temp_context, ClientEndpoint, Deadline, DirWatch,
+    Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
 /// Most requests a server reads ahead on one slot before it stops reading that client.
@@ -151,15 +151,17 @@ impl UdsServer {
         // Bind inside a private directory, restrict the mode, then rename into place, so the
         // socket is never reachable with a wider mode.
         let tmpdir = parent.join(format!(".sensai-{}-{:x}", std::process::id(), rand_u64()));
+        let tmp_sock = tmpdir.join("s");
+        let at_tmp = |what: &str| temp_context(what, path, &tmp_sock);
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&tmpdir)
-            .at("cannot create temporary directory", &tmpdir)?;
-        let tmp_sock = tmpdir.join("s");
+            .map_err(|e| Error::io(at_tmp("cannot create socket"), e))?;
         let result = (|| {
-            let listener = UnixListener::bind(&tmp_sock).at("cannot bind socket", &tmp_sock)?;
+            let listener = UnixListener::bind(&tmp_sock)
+                .map_err(|e| Error::io(at_tmp("cannot create socket"), e))?;
             std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))
-                .at("cannot set mode of", &tmp_sock)?;
+                .map_err(|e| Error::io(at_tmp("cannot set mode of socket"), e))?;
             std::fs::rename(&tmp_sock, path).at("cannot move socket to", path)?;
             Ok(listener)
         })();
