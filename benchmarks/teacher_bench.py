@@ -4,11 +4,12 @@
     python benchmarks/teacher_bench.py --memory-check [--json PATH]      # B=8, S=2048, sampled
     python benchmarks/teacher_bench.py --device cuda --random-1b [--json PATH]   # on a GPU
 
-The teacher is the embedded SmolLM2-135M-Instruct (or, with ``--random-1b``, a randomly
-initialised 1B-parameter Llama-shaped model in bfloat16: hidden 2048, 16 layers, 32 heads,
-intermediate 8192, vocabulary 49,152). Input is real English text (this repository's README and
-protocol notes, then docstrings of standard-library modules) tokenized by SmolLM2's tokenizer,
-cut into B rows of S tokens.
+The teacher is the embedded SmolLM2-135M-Instruct, the model named by ``--model``, or (with
+``--random-1b``) a randomly initialised 1B-parameter Llama-shaped model in bfloat16: hidden 2048,
+16 layers, 32 heads, intermediate 8192, SmolLM2's vocabulary of 49,152. Input is real English
+text (this repository's README and protocol notes, then docstrings of standard-library modules)
+tokenized by the teacher's tokenizer (SmolLM2's for the random model), cut into B rows of S
+tokens.
 
 Arms, timed round-robin in one process (median of ``--repeats`` after ``--warmup``):
 
@@ -16,7 +17,11 @@ Arms, timed round-robin in one process (median of ``--repeats`` after ``--warmup
 * ``forward+head``: body + LM head over chunks of positions, logits dropped (what a plain
   ``model(input_ids)`` computes, without keeping [B, S, V]);
 * one arm per output format (``full``, ``sampled``, ``coo``, ``compact``, ``topk``): body + LM
-  head + sampling (N samples at temperature T) + the format's tensors.
+  head + sampling (N samples at temperature T) + the format's tensors, with the working memory
+  the teacher keeps between requests (as ``TeacherLogitsServer.compute`` does);
+* ``multinomial`` (when ``sampled`` is measured): the ``sampled`` arm with each position's draw
+  made by ``torch.multinomial`` (and the row sums by a separate pass), the sampler this project
+  used before its inverse-CDF draw: the baseline that draw has to beat.
 
 Sampling overhead is an arm's time over ``forward+head`` (target: <= 10%). Peak memory is the
 arm's peak resident memory above the resident memory after the model was loaded, each arm in a
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import gc
 import inspect
 import json
@@ -43,6 +49,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from importlib import import_module
 from pathlib import Path
@@ -50,11 +57,13 @@ from typing import Any
 
 import torch
 
+from sensai import sampling
 from sensai.formats import FORMATS, TeacherOutput, build_output
 from sensai.logits_server import TeacherLogitsServer
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_ARMS = ("forward", "forward+head")
+BASELINE_ARM = "multinomial"  # ``sampled``, drawn by torch.multinomial
 #: Bytes per sample in the seed's sampled layout: an int64 index and a float32 value.
 SEED_BYTES_PER_SAMPLE = 8 + 4
 SAMPLING_TARGET = 0.10
@@ -115,6 +124,7 @@ class Config:
     """What one run measures (also sent to the memory subprocesses)."""
 
     device: str
+    model: str | None  # None: the embedded SmolLM2 (unless random_1b)
     random_1b: bool
     batch: int
     seq: int
@@ -231,7 +241,7 @@ def load(cfg: Config) -> tuple[TeacherLogitsServer, torch.Tensor]:
         tokenizer = _smollm2_tokenizer()
     else:
         teacher = TeacherLogitsServer(
-            None,
+            cfg.model,
             device=cfg.device,
             num_samples=cfg.num_samples,
             temperature=cfg.temperature,
@@ -253,6 +263,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _multinomial_draw(
+    w: torch.Tensor,
+    num_samples: int,
+    generator: torch.Generator | None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous sampler's draw (``sampling._draw``'s signature): a sum pass for the row
+    totals, then ``torch.multinomial``, which normalises and scans the weights itself."""
+    total = w.sum(dim=-1, keepdim=True)
+    return torch.multinomial(w, num_samples, replacement=True, generator=generator), total
+
+
+@contextlib.contextmanager
+def _drawing_with(draw: Any) -> Iterator[None]:
+    saved = sampling._draw
+    sampling._draw = draw
+    try:
+        yield
+    finally:
+        sampling._draw = saved
+
+
 def run_arm(
     teacher: TeacherLogitsServer, arm: str, ids: torch.Tensor, cfg: Config
 ) -> TeacherOutput | None:
@@ -266,21 +298,31 @@ def run_arm(
             for _start, logits in teacher.iter_logit_chunks(ids, None, cfg.chunk_size):
                 del logits
         else:
+            fmt = "sampled" if arm == BASELINE_ARM else arm
+            draw = _multinomial_draw if arm == BASELINE_ARM else sampling._draw
             b, s = ids.shape
+            p = teacher.num_positions(s)
             generator = torch.Generator(device=teacher.device).manual_seed(cfg.seed)
-            out = build_output(
-                arm,
-                teacher.iter_logit_chunks(ids, None, cfg.chunk_size),
-                b,
-                teacher.num_positions(s),
-                teacher.vocab_size,
-                teacher.position_mask(ids, None),
-                num_samples=cfg.num_samples,
-                temperature=cfg.temperature,
-                topk=cfg.topk,
-                generator=generator,
-                device=teacher.device,
-            )
+            buffers = 1 if fmt == "topk" else 2
+            scratch_positions = 0 if fmt == "full" else b * p
+            with (
+                teacher._sampling_scratch(scratch_positions, cfg.chunk_size, buffers) as scratch,
+                _drawing_with(draw),
+            ):
+                out = build_output(
+                    fmt,
+                    teacher.iter_logit_chunks(ids, None, cfg.chunk_size),
+                    b,
+                    p,
+                    teacher.vocab_size,
+                    teacher.position_mask(ids, None),
+                    num_samples=cfg.num_samples,
+                    temperature=cfg.temperature,
+                    topk=cfg.topk,
+                    generator=generator,
+                    device=teacher.device,
+                    scratch=scratch,
+                )
     _sync(teacher.device)
     return out
 
@@ -323,7 +365,11 @@ def _memory_child(cfg: Config, arm: str) -> dict[str, Any]:
     if peak_kib is None:  # ru_maxrss includes the load's peak: an upper bound
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         exact = False
-    return {"peak_bytes": max(peak_kib - base_kib, 0) * 1024, "exact": exact}
+    return {
+        "peak_bytes": max(peak_kib - base_kib, 0) * 1024,
+        "exact": exact,
+        "vocab_size": teacher.vocab_size,
+    }
 
 
 def peak_memory(
@@ -372,7 +418,7 @@ def benchmark(cfg: Config, with_memory: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     teacher, ids = load(cfg)
     log.info("loaded in %.1f s", time.perf_counter() - started)
-    arms = [*BASE_ARMS, *cfg.formats]
+    arms = [*BASE_ARMS, *cfg.formats, *([BASELINE_ARM] if "sampled" in cfg.formats else [])]
     times: dict[str, list[float]] = {a: [] for a in arms}
     stats: dict[str, dict[str, Any]] = {}
     for rep in range(cfg.warmup + cfg.repeats):
@@ -426,7 +472,7 @@ def memory_check(cfg: Config, fmt: str) -> dict[str, Any]:
         teacher, ids = load(cfg)
     t0 = time.perf_counter()
     mem = peak_memory(cfg, fmt, teacher, ids)
-    vocab = 49152 if teacher is None else teacher.vocab_size
+    vocab = mem["vocab_size"] if teacher is None else teacher.vocab_size
     full_tensor = cfg.batch * TeacherLogitsServer.num_positions(cfg.seq) * vocab * 4
     return {
         "format": fmt,
@@ -484,6 +530,9 @@ def print_table(cfg: Config, res: dict[str, Any], machine: str) -> None:
         over = arms[fmt]["vs_forward_head"] - 1
         ok = "meets" if over <= SAMPLING_TARGET else "misses"
         print(f"sampling overhead ({fmt}) vs forward+head: {over:+.1%} ({ok} <= 10%)")
+    if BASELINE_ARM in arms:
+        over = arms[BASELINE_ARM]["vs_forward_head"] - 1
+        print(f"sampled, drawn by torch.multinomial (the previous sampler): {over:+.1%}")
     if "compact" in arms:
         c = arms["compact"]
         ok = "meets" if c["share_of_seed_sampled"] <= COMPACT_TARGET else "misses"
@@ -519,6 +568,11 @@ def machine_name(device: torch.device) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument(
+        "--model",
+        help="the teacher: a local folder, a .gguf file or a cached Hugging Face name "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument(
         "--random-1b",
         action="store_true",
@@ -578,8 +632,12 @@ def main(argv: list[str] | None = None) -> int:
         batch, seq = args.batch or 8, args.seq or 2048
     else:
         batch, seq = args.batch or (8 if gpu else 2), args.seq or (2048 if gpu else 256)
+    if args.model and args.random_1b:
+        print("error: --model and --random-1b name two teachers; give one", file=sys.stderr)
+        return 2
     cfg = Config(
         device=str(device),
+        model=args.model,
         random_1b=args.random_1b,
         batch=batch,
         seq=seq,
@@ -599,7 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_name(device)
     meta = {
         "machine": machine,
-        "model": "random-1b-llama (bf16)" if cfg.random_1b else "smollm2-135m (embedded)",
+        "model": "random-1b-llama (bf16)"
+        if cfg.random_1b
+        else (cfg.model or "smollm2-135m (embedded)"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "config": asdict(cfg),

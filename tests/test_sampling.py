@@ -9,6 +9,7 @@ import torch
 
 from sensai.sampling import (
     SampleResult,
+    _compact_counts,
     compact_counts,
     mask_logits,
     sample_from_logits,
@@ -285,6 +286,10 @@ def test_compact_counts_matches_reference(vocab, n):
         assert list(zip(tokens[lo:hi].tolist(), counts[lo:hi].tolist(), strict=True)) == ref
         assert int(counts[lo:hi].sum()) == n
         assert (tokens[lo + 1 : hi] > tokens[lo : hi - 1]).all()  # ascending and distinct
+    *unchecked, rows = _compact_counts(indices)  # what the compact format uses
+    for a, b in zip(unchecked, (offsets, tokens, counts), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(rows, torch.repeat_interleave(torch.arange(12), offsets.diff()))
 
 
 def test_compact_counts_from_sampling_round_trip():
@@ -395,9 +400,10 @@ def test_nucleus_boundary_is_hf_rule():
     [{}, {"temperature": 0.7}, {"top_p": 0.9}, {"top_k": 5, "temperature": 1.3}],
     ids=["plain", "tempered", "top_p", "top_k"],
 )
-def test_a_reused_scratch_buffer_changes_nothing(case: dict) -> None:
+@pytest.mark.parametrize("size", [700, 1000, 1300], ids=["weights", "weights+cumsum", "more"])
+def test_a_reused_scratch_buffer_changes_nothing(case: dict, size: int) -> None:
     logits = _logits(10, 50, seed=3)
-    scratch = torch.full((700,), float("nan"))  # garbage left by a previous call
+    scratch = torch.full((size,), float("nan"))  # garbage left by a previous call
     fresh = sample_positions(logits, 8, generator=_gen(1), **case)
     for _ in range(2):
         reused = sample_positions(logits, 8, generator=_gen(1), scratch=scratch, **case)
@@ -419,3 +425,61 @@ def test_a_bad_scratch_buffer_is_refused() -> None:
         sample_positions(logits, 8, scratch=torch.empty(499))
     with pytest.raises(ValueError, match="contiguous float32"):
         sample_positions(logits, 8, scratch=torch.empty(500, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# the inverse-CDF draw's guard against zero-weight tokens
+
+
+def _sliver_cumsum(real_cumsum):
+    """A cumulative sum that, like a badly rounded parallel scan, gives every zero-weight token
+    an interval of its own (a wide one, so that nearly every row hits one)."""
+
+    def fake(w, dim=-1, *, out=None):
+        cum = real_cumsum(w, dim=dim)
+        bump = (w == 0).to(cum.dtype) * cum[..., -1:] * 0.3
+        cum = cum + bump.cumsum(dim)
+        cum = cum / cum[..., -1:] * real_cumsum(w, dim=dim)[..., -1:]  # same row totals
+        return cum if out is None else out.copy_(cum)
+
+    return fake
+
+
+@pytest.mark.parametrize("case", [dict(), dict(top_p=0.7), dict(top_k=4)], ids=str)
+def test_zero_weight_tokens_are_never_drawn_even_from_a_bad_scan(monkeypatch, case):
+    logits = _logits(6, 12, seed=21, scale=1.0)
+    logits[:, ::3] = float("-inf")  # zero weight, interleaved with kept tokens
+    monkeypatch.setattr(torch, "cumsum", _sliver_cumsum(torch.cumsum))
+    n = 20_000
+    res = sample_positions(logits, n, generator=_gen(22), **case)
+    monkeypatch.undo()
+    probs = torch.softmax(mask_logits(logits, **case), dim=-1)
+    counts = _counts(res.indices, 12)
+    assert (counts[probs == 0] == 0).all(), "a zero-weight token was drawn"
+    for row in range(6):  # every row was redrawn, exactly
+        assert chi2_pvalue(counts[row], probs[row]) > P_THRESHOLD, row
+
+
+def test_the_sliver_scan_would_draw_zero_weight_tokens_unguarded(monkeypatch):
+    # Without the guard the fake scan above does draw zero-weight tokens: the test has power.
+    from sensai import sampling
+
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 1.0]])
+    monkeypatch.setattr(sampling, "_redraw_zero_weight", lambda w, idx, g: idx)
+    monkeypatch.setattr(torch, "cumsum", _sliver_cumsum(torch.cumsum))
+    idx, _ = sampling._draw(w, 2000, _gen(23))
+    monkeypatch.undo()
+    assert (w.gather(-1, idx) == 0).any()
+
+
+def test_a_uniform_that_rounds_up_to_the_total_stays_in_range(monkeypatch):
+    from sensai import sampling
+
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones_like(real_rand(*a, **k)))
+    last_kept, _ = sampling._draw(torch.tensor([[1.0, 2.0, 3.0]]), 50, _gen(24))
+    last_zero, total = sampling._draw(torch.tensor([[1.0, 2.0, 0.0]]), 50, _gen(24))
+    monkeypatch.undo()
+    assert last_kept.tolist() == [[2] * 50]  # clamped to the last token, which has weight
+    assert set(last_zero.flatten().tolist()) <= {0, 1}  # redrawn: never the empty last one
+    assert total.tolist() == [[3.0]]

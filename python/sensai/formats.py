@@ -378,13 +378,11 @@ class OutputBuilder:
         if self.fmt in ("sampled", "coo"):
             self.indices[lo:hi], self.values[lo:hi] = r.indices, r.values
             return
-        offsets, tokens, counts = sampling.compact_counts(r.indices, self.v)
+        # The sampler's ids are valid: skip compact_counts' range check (a device sync).
+        offsets, tokens, counts, rows = sampling._compact_counts(r.indices)
         if self.n <= torch.iinfo(torch.int16).max:
             counts = counts.to(torch.int16)  # 2 bytes a token: compact stays < 25% of the seed's
         # One log-prob per distinct token: gather the untempered logits again at them.
-        rows = torch.repeat_interleave(
-            torch.arange(c, device=logits.device), offsets[1:] - offsets[:-1]
-        )
         lp = logits[rows, tokens.long()].float() - r.logz_full[rows]
         self._parts.append((offsets, tokens, counts, lp))
 

@@ -381,9 +381,12 @@ class TeacherLogitsServer:
             yield start, logits
 
     @contextlib.contextmanager
-    def _sampling_scratch(self, positions: int, chunk_size: int | None) -> Iterator[Any]:
-        """The sampler's [chunk, V] float32 working buffer, kept between calls on a CPU (where
-        fresh pages for it cost about as much as the exp pass it serves; CUDA's caching
+    def _sampling_scratch(
+        self, positions: int, chunk_size: int | None, buffers: int = 2
+    ) -> Iterator[Any]:
+        """The sampler's working memory, ``buffers`` [chunk, V] float32 buffers in one tensor
+        (the weights and their cumulative sum; ``topk`` needs only one), kept between calls on
+        a CPU (where fresh pages cost about as much as the pass they serve; CUDA's caching
         allocator already reuses memory). None on other devices, and while another thread
         samples with this teacher."""
         if (
@@ -395,7 +398,7 @@ class TeacherLogitsServer:
             return
         try:
             size = _check_chunk_size(self.chunk_size if chunk_size is None else chunk_size)
-            need = min(positions, size) * self.vocab_size
+            need = buffers * min(positions, size) * self.vocab_size
             if self._scratch is None or self._scratch.numel() < need:
                 self._scratch = None  # free the smaller one before allocating
                 self._scratch = torch.empty(need, dtype=torch.float32, device=self.device)
@@ -490,8 +493,9 @@ class TeacherLogitsServer:
             )
         ids, mask = self.prepare_inputs(input_ids, attention_mask)
         b, p = ids.shape[0], self.num_positions(ids.shape[1])
-        # The sampler's (and topk's) working buffer; the full format needs none (0: None).
-        with self._sampling_scratch(0 if fmt == "full" else b * p, chunk_size) as scratch:
+        # The sampler's (and topk's) working memory; the full format needs none (0: None).
+        positions = 0 if fmt == "full" else b * p
+        with self._sampling_scratch(positions, chunk_size, 1 if fmt == "topk" else 2) as scratch:
             return build_output(
                 fmt,
                 self.iter_logit_chunks(ids, mask, chunk_size),

@@ -22,14 +22,24 @@ The distribution sampled from is ``softmax`` of the masked, tempered logits; its
 come back with every sample, so that ``exp(value / T - logz_sampled)`` is the exact probability a
 sampled token was drawn with and ``exp(value - logz_full)`` its probability under the teacher.
 
-Cost per [P, V] call: without top-k, one exp pass gives the sampling weights and the
-log-partition (``torch.multinomial`` normalises the weights itself); ``logz_full`` needs a second
-exp pass only at ``temperature != 1`` or with top-p. Top-p takes the nucleus from ``torch.topk``
-windows that grow 8x only for rows that need it (no full sort unless the nucleus is huge).
-With top-k, only a ``torch.topk`` window of the k candidates is sampled from, plus one exp pass
-for ``logz_full``. One [P, V] float32 scratch buffer is used per call, allocated unless the
-caller passes one to reuse (``scratch=``: on a CPU, fresh pages for it cost about as much as
-an exp pass); the input logits are never modified.
+Cost per [P, V] call: without top-k, one exp pass gives the sampling weights, one cumulative
+sum over them gives both the log-partition (its last column) and the inverse CDF that every
+sample is drawn from (a binary search per sample, ``torch.searchsorted``); ``logz_full`` needs a
+second exp pass only at ``temperature != 1`` or with top-p. That is two passes over [P, V] where
+``torch.multinomial`` alone makes five on CUDA (two copies, a sum, a division, then its own
+cumulative sum). Top-p takes the nucleus from ``torch.topk`` windows that grow 8x only for rows
+that need it (no full sort unless the nucleus is huge). With top-k, only a ``torch.topk``
+window of the k candidates is sampled from, plus one exp pass for ``logz_full``. Two [P, V]
+float32 buffers are used per call (the weights and their cumulative sum), allocated unless the
+caller passes scratch to reuse (``scratch=``: on a CPU, fresh pages cost about as much as an
+exp pass); the input logits are never modified.
+
+The draw is exact up to float32 rounding, like ``torch.multinomial``'s: a uniform in [0, 1)
+scaled by the row's total is located in the cumulative sum. A token of zero weight (masked, or
+``exp`` underflowed) owns an empty interval and is never found when the sum is monotone, as it
+is on a CPU (accumulated in float64). A GPU's parallel scan rounds each prefix its own way, so
+in principle a zero-weight token can get a sliver: every draw is checked against the weights,
+and the rare row that hit one is drawn again with ``torch.multinomial``.
 """
 
 from __future__ import annotations
@@ -193,6 +203,51 @@ def _work_buffer(logits2d: torch.Tensor, scratch: torch.Tensor | None) -> torch.
     return scratch.reshape(-1)[:need].view(shape)
 
 
+def _cum_buffer(e: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor | None:
+    """The second half of ``scratch`` as a buffer shaped like ``e``, when it has room for one."""
+    need = e.numel()
+    if scratch is None or scratch.numel() < 2 * need:
+        return None
+    return scratch.reshape(-1)[need : 2 * need].view(e.shape)
+
+
+def _draw(
+    w: torch.Tensor,
+    num_samples: int,
+    generator: torch.Generator | None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` draws with replacement per row of the weights ``w`` [P, K] (non-negative,
+    unnormalised, each row with a positive one), by inverse CDF.
+
+    Returns ``(indices [P, N] int64, total [P, 1])``, ``total`` being the row sums (the last
+    column of the cumulative sum, which ``out``, shaped like ``w``, receives when given).
+    """
+    cum = torch.cumsum(w, dim=-1) if out is None else torch.cumsum(w, dim=-1, out=out)
+    total = cum[:, -1:]
+    u = torch.rand(w.shape[0], num_samples, generator=generator, device=w.device)
+    idx = torch.searchsorted(cum, u.mul_(total), right=True)
+    idx.clamp_(max=w.shape[-1] - 1)  # u * total may round up to total itself
+    return _redraw_zero_weight(w, idx, generator), total
+
+
+def _redraw_zero_weight(
+    w: torch.Tensor, idx: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``idx`` with every row that drew a token of zero weight drawn again, exactly.
+
+    A monotone cumulative sum never leads there (a zero weight owns an empty interval); a
+    parallel scan's rounding, or ``u * total`` rounding up to the total, can. Rare, so the
+    redraw uses ``torch.multinomial`` on those rows only; the check costs one gather and one
+    device sync.
+    """
+    bad = (w.gather(-1, idx) <= 0).any(dim=-1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).squeeze(-1)
+        idx[rows] = torch.multinomial(w[rows], idx.shape[-1], replacement=True, generator=generator)
+    return idx
+
+
 def _untempered_logz(logits2d: torch.Tensor, m0: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     """``logsumexp`` of the logits [P], with ``buf`` as scratch (no allocation)."""
     torch.sub(logits2d, m0, out=buf).exp_()
@@ -332,11 +387,12 @@ def sample_positions(
     """Draw ``num_samples`` tokens with replacement at each of ``P`` positions of ``[P, V]`` logits.
 
     Sampling is from ``softmax(mask_logits(logits, temperature, top_p, top_k))``, exactly. One
-    exp pass gives the sampling weights and ``logz_sampled``; ``logz_full`` reuses it at
-    temperature 1 and costs a second exp pass otherwise. ``generator`` (on the logits' device)
-    makes the draw reproducible. ``scratch``, a contiguous float32 tensor of at least P * V
-    elements on the logits' device, is the working buffer (overwritten) instead of a fresh
-    one: reuse one across calls. The logits are never modified.
+    exp pass gives the sampling weights, their cumulative sum ``logz_sampled`` and the draw;
+    ``logz_full`` reuses it at temperature 1 and costs a second exp pass otherwise.
+    ``generator`` (on the logits' device) makes the draw reproducible. ``scratch``, a contiguous
+    float32 tensor on the logits' device, is the working memory (overwritten) instead of fresh
+    buffers: reuse one across calls. It needs at least P * V elements (the weights) and is used
+    for the cumulative sum too when it holds 2 * P * V. The logits are never modified.
     """
     _check_logits(logits)
     _check_params(temperature, top_p, top_k)
@@ -356,16 +412,16 @@ def sample_positions(
         )
     if 0 < top_k < logits.shape[-1]:
         idx, w, _, m, logz_full = _topk_window(logits, temperature, top_p, top_k, scratch)
-        logz_sampled = (m + torch.log(w.sum(dim=-1, keepdim=True))).squeeze(-1)
-        # multinomial normalises the weights itself; w's max is 1, so each row sum is >= 1.
-        pos = torch.multinomial(w, num_samples, replacement=True, generator=generator)
+        # w's max is 1 (the row max is always kept), so each row's total is >= 1.
+        pos, total = _draw(w, num_samples, generator)
+        logz_sampled = (m + torch.log(total)).squeeze(-1)
         indices = idx.gather(-1, pos)
     else:
         e, m, logz_full, _ = _full_weights(logits, temperature, top_p, False, scratch)
-        logz_sampled = (m + torch.log(e.sum(dim=-1, keepdim=True))).squeeze(-1)
+        indices, total = _draw(e, num_samples, generator, _cum_buffer(e, scratch))
+        logz_sampled = (m + torch.log(total)).squeeze(-1)
         if logz_full is None:  # T == 1 and no mask: the same distribution
             logz_full = logz_sampled.clone()
-        indices = torch.multinomial(e, num_samples, replacement=True, generator=generator)
     values = logits.gather(-1, indices).float()
     return SampleResult(
         indices=indices, values=values, logz_sampled=logz_sampled, logz_full=logz_full
@@ -455,6 +511,17 @@ def compact_counts(
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
+    offsets, tokens, counts, _ = _compact_counts(indices)
+    return offsets, tokens, counts
+
+
+def _compact_counts(
+    indices: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`compact_counts` of non-empty ids already known valid (no check, so no device
+    sync for it), plus each distinct token's row [T] int64. One sync remains: the number of
+    distinct tokens."""
+    n_pos, n_samp = indices.shape
     s = torch.sort(indices.to(torch.int64), dim=-1).values
     is_start = torch.ones_like(s, dtype=torch.bool)
     is_start[:, 1:] = s[:, 1:] != s[:, :-1]
@@ -463,6 +530,6 @@ def compact_counts(
     starts = torch.nonzero(flat_start).squeeze(-1)
     ends = torch.cat([starts[1:], starts.new_tensor([n_pos * n_samp])])
     counts = (ends - starts).to(torch.int32)
-    offsets = torch.zeros(n_pos + 1, dtype=torch.int64, device=dev)
+    offsets = torch.zeros(n_pos + 1, dtype=torch.int64, device=indices.device)
     offsets[1:] = is_start.sum(dim=-1).cumsum(0)
-    return offsets, tokens, counts
+    return offsets, tokens, counts, starts.div_(n_samp, rounding_mode="floor")
