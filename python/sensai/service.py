@@ -409,6 +409,9 @@ class TeacherService:
             ids_parts.append(ids)
             mask_parts.append(mask)
         out = self.teacher.compute(torch.cat(ids_parts), torch.cat(mask_parts), seed=None)
+        # One copy of the whole batch to the host, then split there: splitting on a GPU would
+        # copy (and synchronise) per request and tensor, and compact's split syncs by itself.
+        out = out.to("cpu")
         row = 0
         for r in batch:
             b, s = (int(x) for x in r.ids.shape)  # type: ignore[union-attr]
