@@ -346,11 +346,7 @@ def test_explicit_and_leased_slots(kind: str, path: str, serving: Any) -> None:
         make_client(kind, path, None, connect_timeout=2)
     with pytest.raises(CapacityError, match="slot 1"):
         make_client(kind, path, 1, connect_timeout=2)
-    # Out of range: RoleError on unix_socket and shared_memory, ValueError on named_pipe
-    # (not yet consistent).
-    with pytest.raises(
-        (RoleError, ValueError) if kind == "named_pipe" else RoleError, match="out of range"
-    ):
+    with pytest.raises(ValueError, match="slot 3 is out of range"):
         make_client(kind, path, 3, connect_timeout=2)
     # Closing a client frees its slot (once the server has seen it go).
     freed = t.watch(lambda s: not s.is_connected(1))
@@ -361,6 +357,58 @@ def test_explicit_and_leased_slots(kind: str, path: str, serving: Any) -> None:
     assert int(c.request(np.zeros(1), timeout=5)[1]) == 1
     for x in (a, b, c):
         x.close()
+
+
+def test_slot_out_of_range_is_the_same_value_error_everywhere(
+    kind: str, path: str, serving: Any, short_tmp: str
+) -> None:
+    """A slot id past the server's last slot, or negative, is one error on every transport,
+    from a connecting client and from every per-slot server method alike: a ``ValueError``
+    (a bad argument, not a ``SensAIError``) naming the slot asked for and the valid ids."""
+    serving(2, answer_with_slot)
+
+    def expect(err: pytest.ExceptionInfo[ValueError], slot: int, at: str, valid: str) -> None:
+        assert type(err.value) is ValueError, repr(err.value)
+        assert str(err.value) == (
+            f"invalid argument: slot {slot} is out of range for the server at {at}: {valid}"
+        )
+
+    for slot in (2, 7, 1 << 40):
+        with pytest.raises(ValueError) as err:
+            make_client(kind, path, slot, connect_timeout=5)
+        expect(err, slot, path, "it has 2 slots, ids 0 to 1")
+    with pytest.raises(ValueError) as err:
+        make_client(kind, path, -1, connect_timeout=5)
+    expect(err, -1, path, "slot ids start at 0")
+    # The refusals cost the server nothing: both slots still serve.
+    for slot in (0, 1):
+        with make_client(kind, path, slot) as c:
+            assert int(c.request(np.zeros(1), timeout=5)[1]) == slot
+
+    # Server side (a second server, called from this thread only).
+    other = os.path.join(short_tmp, "other")
+    server = make_server(kind, other, 1)
+    try:
+        calls = {
+            "is_ready_slot": lambda s: server.is_ready_slot(s),
+            "is_connected": lambda s: server.is_connected(s),
+            "read_tensor_slot": lambda s: server.read_tensor_slot(s),
+            "write_tensor_slot": lambda s: server.write_tensor_slot(s, np.zeros(1)),
+            "send_error": lambda s: server.send_error(s, ERROR_CODES["BAD_REQUEST"], "no"),
+        }
+        if kind == "shared_memory":
+            calls["reserve"] = lambda s: server._core.reserve(s, [("float32", [1])])
+        for name, call in calls.items():
+            for slot in (1, 5, -1):
+                with pytest.raises(ValueError) as err:
+                    call(slot)
+                try:
+                    expect(err, slot, other, "it has 1 slot, id 0")
+                except AssertionError as e:
+                    raise AssertionError(f"{name}({slot}): {e}") from None
+        assert server.is_connected(0) is False
+    finally:
+        server.close()
 
 
 @pytest.mark.timeout(20)

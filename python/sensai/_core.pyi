@@ -62,7 +62,10 @@ class Reservation:
         """Drop the reservation without sending anything."""
 
 class ServerEndpoint:
-    """The server side of a transport (Unix socket, named pipes or shared memory)."""
+    """The server side of a transport (Unix socket, named pipes or shared memory).
+
+    Every method that takes a ``slot_id`` raises ``ValueError`` for one outside
+    ``0 .. num_slots - 1``, naming the slot and the valid ids."""
 
     @staticmethod
     def unix_socket(
@@ -145,7 +148,8 @@ class ServerEndpoint:
         """Stop serving and remove the transport's files. Idempotent."""
 
 class ClientEndpoint:
-    """The client side of a transport, bound to one slot."""
+    """The client side of a transport, bound to one slot. Connecting with a ``slot_id``
+    outside the server's slots raises ``ValueError`` on every transport."""
 
     @staticmethod
     def unix_socket(

@@ -23,7 +23,7 @@ use crate::frame::{self, DType, Kind, Limits, Meta, TensorRef, TensorSpec, FLAG_
 use crate::transport::fifo::{FifoClient, FifoServer};
 use crate::transport::shm::{Reservation, ShmClient, ShmServer};
 use crate::transport::uds::{UdsClient, UdsServer};
-use crate::transport::{ClientEndpoint, Message, ServerEndpoint};
+use crate::transport::{slot_out_of_range, ClientEndpoint, Message, ServerEndpoint};
 
 /// Turn a crate error into the matching `sensai.errors` exception.
 fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
@@ -78,6 +78,17 @@ fn detached<T: Send>(
         (Error::Interrupted, Some(err)) => err,
         (e, _) => to_pyerr(py, e),
     })
+}
+
+/// The slot a client asks for: a negative id is out of range (the `ValueError` every transport
+/// raises for a slot past the server's last one), not an `OverflowError`.
+fn client_slot_arg(py: Python<'_>, slot_id: Option<i64>, path: &str) -> PyResult<Option<usize>> {
+    match slot_id {
+        None => Ok(None),
+        Some(s) => usize::try_from(s)
+            .map(Some)
+            .map_err(|_| to_pyerr(py, slot_out_of_range(s, None, std::path::Path::new(path)))),
+    }
 }
 
 fn timeout_arg(t: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
@@ -447,6 +458,19 @@ impl PyServer {
         }
     }
 
+    /// A slot id from Python, checked against this server's slots: a negative one is out of
+    /// range like one past the last slot (the same `ValueError`), not an `OverflowError`.
+    fn slot_arg(&mut self, py: Python<'_>, slot_id: i64) -> PyResult<usize> {
+        let n = self.inner()?.num_slots();
+        match usize::try_from(slot_id) {
+            Ok(s) if s < n => Ok(s),
+            _ => Err(to_pyerr(
+                py,
+                slot_out_of_range(slot_id, Some(n), std::path::Path::new(&self.path)),
+            )),
+        }
+    }
+
     fn shm(&mut self) -> PyResult<&mut ShmServer> {
         let kind = self.kind;
         match self.inner.as_mut() {
@@ -602,7 +626,7 @@ impl PyServer {
     fn reserve(
         &mut self,
         py: Python<'_>,
-        slot_id: usize,
+        slot_id: i64,
         specs: Vec<(String, Vec<u64>)>,
         is_list: bool,
         tag: u32,
@@ -624,6 +648,7 @@ impl PyServer {
             })
             .collect();
         let meta = header(Kind::Response, is_list, tag, value);
+        let slot_id = self.slot_arg(py, slot_id)?;
         let shm = self.shm()?;
         let r = py
             .detach(|| shm.reserve(slot_id, meta, &tspecs))
@@ -694,18 +719,21 @@ impl PyServer {
         detached(py, |check| inner.wait_any(t, check))
     }
 
-    fn is_ready_slot(&mut self, py: Python<'_>, slot_id: usize) -> PyResult<bool> {
+    fn is_ready_slot(&mut self, py: Python<'_>, slot_id: i64) -> PyResult<bool> {
+        let slot_id = self.slot_arg(py, slot_id)?;
         let inner = self.inner()?;
         py.detach(|| inner.is_ready_slot(slot_id))
             .map_err(|e| to_pyerr(py, e))
     }
 
-    fn is_connected(&mut self, slot_id: usize) -> PyResult<bool> {
+    fn is_connected(&mut self, py: Python<'_>, slot_id: i64) -> PyResult<bool> {
+        let slot_id = self.slot_arg(py, slot_id)?;
         Ok(self.inner()?.is_connected(slot_id))
     }
 
     /// The next request on `slot_id`, or None.
-    fn recv(&mut self, py: Python<'_>, slot_id: usize) -> PyResult<Option<PyMessage>> {
+    fn recv(&mut self, py: Python<'_>, slot_id: i64) -> PyResult<Option<PyMessage>> {
+        let slot_id = self.slot_arg(py, slot_id)?;
         let inner = self.inner()?;
         let m = py
             .detach(|| inner.recv(slot_id))
@@ -719,7 +747,7 @@ impl PyServer {
     fn send(
         &mut self,
         py: Python<'_>,
-        slot_id: usize,
+        slot_id: i64,
         arrays: Vec<Bound<'_, PyAny>>,
         dtypes: Option<Vec<Option<String>>>,
         is_list: bool,
@@ -730,6 +758,7 @@ impl PyServer {
         let kind = kind_arg(kind)?;
         let out = Outgoing::collect(&arrays, dtypes)?;
         let meta = header(kind, is_list, tag, value);
+        let slot_id = self.slot_arg(py, slot_id)?;
         let inner = self.inner()?;
         py.detach(|| inner.send(slot_id, meta, &out.refs()))
             .map_err(|e| to_pyerr(py, e))
@@ -739,10 +768,11 @@ impl PyServer {
     fn send_error(
         &mut self,
         py: Python<'_>,
-        slot_id: usize,
+        slot_id: i64,
         code: u32,
         message: &str,
     ) -> PyResult<()> {
+        let slot_id = self.slot_arg(py, slot_id)?;
         let inner = self.inner()?;
         py.detach(|| inner.send_error(slot_id, code, message))
             .map_err(|e| to_pyerr(py, e))
@@ -792,10 +822,11 @@ impl PyClient {
     fn unix_socket(
         py: Python<'_>,
         path: String,
-        slot_id: Option<usize>,
+        slot_id: Option<i64>,
         connect_timeout: Option<f64>,
     ) -> PyResult<PyClient> {
         let t = timeout_arg(connect_timeout, "connect_timeout")?;
+        let slot_id = client_slot_arg(py, slot_id, &path)?;
         let p = path.clone();
         let c = detached(py, |check| UdsClient::connect(&p, slot_id, t, check))?;
         let slot = c.slot();
@@ -813,10 +844,11 @@ impl PyClient {
     fn named_pipe(
         py: Python<'_>,
         path: String,
-        slot_id: Option<usize>,
+        slot_id: Option<i64>,
         connect_timeout: Option<f64>,
     ) -> PyResult<PyClient> {
         let t = timeout_arg(connect_timeout, "connect_timeout")?;
+        let slot_id = client_slot_arg(py, slot_id, &path)?;
         let p = path.clone();
         let c = detached(py, |check| FifoClient::connect(&p, slot_id, t, check))?;
         let slot = c.slot();
@@ -834,10 +866,11 @@ impl PyClient {
     fn shared_memory(
         py: Python<'_>,
         path: String,
-        slot_id: Option<usize>,
+        slot_id: Option<i64>,
         connect_timeout: Option<f64>,
     ) -> PyResult<PyClient> {
         let t = timeout_arg(connect_timeout, "connect_timeout")?;
+        let slot_id = client_slot_arg(py, slot_id, &path)?;
         let p = path.clone();
         let c = detached(py, |check| ShmClient::attach(&p, slot_id, t, check))?;
         let slot = c.slot();

@@ -34,8 +34,8 @@ use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::wait_fds;
 use crate::transport::{
     check_client_kind, check_private, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
-    request_context, take_answer, ClientEndpoint, Deadline, DirWatch, Interrupt, Message,
-    ServerEndpoint, HANDSHAKE_LIMITS,
+    request_context, slot_out_of_range, take_answer, ClientEndpoint, Deadline, DirWatch, Interrupt,
+    Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
 const MAX_PENDING: usize = 8;
@@ -688,10 +688,9 @@ impl FifoClient {
             Some(s) => {
                 let p = lease_path(dir, s);
                 if !p.exists() {
-                    return Err(Error::InvalidArgument(format!(
-                        "slot {s} is out of range for the server at {}",
-                        dir.display()
-                    )));
+                    // The server made one lease file per slot, numbered from 0.
+                    let n = (0..s).find(|&i| !lease_path(dir, i).exists()).unwrap_or(s);
+                    return Err(slot_out_of_range(s, Some(n), dir));
                 }
                 match LockFile::try_acquire(&p, false)? {
                     Some(l) => (s, l),

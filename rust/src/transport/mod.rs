@@ -428,13 +428,39 @@ pub(crate) fn request_context(e: Error, what: &str) -> Error {
     }
 }
 
+/// What is wrong with a slot id outside a server's slots: the slot asked for and the valid
+/// ids (`num_slots` is `None` where the caller cannot know them yet). One text for every
+/// transport, client and server side alike; the socket server sends it in its refusal.
+pub(crate) fn slot_range_text(
+    slot: impl std::fmt::Display,
+    num_slots: Option<usize>,
+    path: &Path,
+) -> String {
+    let valid = match num_slots {
+        None => "slot ids start at 0".to_string(),
+        Some(0) => "it has no slots".to_string(),
+        Some(1) => "it has 1 slot, id 0".to_string(),
+        Some(n) => format!("it has {n} slots, ids 0 to {}", n - 1),
+    };
+    format!(
+        "slot {slot} is out of range for the server at {}: {valid}",
+        path.display()
+    )
+}
+
+/// The error for a slot id outside a server's slots (`ValueError` in Python).
+pub(crate) fn slot_out_of_range(
+    slot: impl std::fmt::Display,
+    num_slots: Option<usize>,
+    path: &Path,
+) -> Error {
+    Error::InvalidArgument(slot_range_text(slot, num_slots, path))
+}
+
 /// Check a slot index against the server's slot count.
 pub(crate) fn check_slot(slot: usize, num_slots: usize, path: &Path) -> Result<()> {
     if slot >= num_slots {
-        return Err(Error::InvalidArgument(format!(
-            "slot {slot} is out of range for the server at {} (it has slots 0..{num_slots})",
-            path.display()
-        )));
+        return Err(slot_out_of_range(slot, Some(num_slots), path));
     }
     Ok(())
 }
@@ -458,11 +484,18 @@ pub(crate) struct ServerParams {
     pub limits: Limits,
 }
 
+/// Read the server's answer to our `HELLO`. A `ROLE` refusal of the `HELLO` itself (its
+/// request id is our nonce) means the slot we named is out of range (§13.1): that is the
+/// caller's bad argument, as on the transports that check the slot on the client side.
 pub(crate) fn parse_hello_ack(msg: &Message, path: &Path) -> Result<ServerParams> {
     if let Some(e) = msg.as_remote_error() {
+        let answers_hello = msg.meta().request_id != 0;
         return Err(match e {
             Error::Remote { code, message } if code == frame::error_code::UNAVAILABLE => {
                 Error::Capacity(message)
+            }
+            Error::Remote { code, message } if code == frame::error_code::ROLE && answers_hello => {
+                Error::InvalidArgument(message)
             }
             Error::Remote { code, message } if code == frame::error_code::ROLE => {
                 Error::Role(message)

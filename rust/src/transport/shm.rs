@@ -98,9 +98,9 @@ use crate::frame::{self, error_code, Kind, Limits, Meta, TensorRef, TensorSpec};
 use crate::sync::{futex_wait, futex_wake_all, Event, Wake};
 use crate::transport::lock::{pid_alive, LockFile};
 use crate::transport::{
-    check_client_kind, check_private, check_slot, rand_u64, request_context, take_answer,
-    temp_context, ClientEndpoint, Deadline, DirWatch, Interrupt, Message, ServerEndpoint,
-    INTERRUPT_CHECK,
+    check_client_kind, check_private, check_slot, rand_u64, request_context, slot_out_of_range,
+    take_answer, temp_context, ClientEndpoint, Deadline, DirWatch, Interrupt, Message,
+    ServerEndpoint, INTERRUPT_CHECK,
 };
 
 /// Magic at offset 0 of a shared-memory file (distinct from the frame magic).
@@ -1502,13 +1502,7 @@ impl ShmClient {
         let server_pid = region.u32_at(off::SERVER_PID).load(Ordering::Relaxed);
         let me = std::process::id();
         let candidates: Vec<usize> = match slot {
-            // Out of range is a role error, as the socket server answers it.
-            Some(s) if s >= num_slots => {
-                return Err(Error::Role(format!(
-                    "slot {s} is out of range for the server at {} (it has slots 0..{num_slots})",
-                    path.display()
-                )))
-            }
+            Some(s) if s >= num_slots => return Err(slot_out_of_range(s, Some(num_slots), &path)),
             Some(s) => vec![s],
             None => (0..num_slots).collect(),
         };

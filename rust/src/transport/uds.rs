@@ -25,8 +25,8 @@ use crate::transport::lock::LockFile;
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::{
     check_client_kind, check_peer_uid, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
-    rand_u64, request_context, take_answer, temp_context, ClientEndpoint, Deadline, DirWatch,
-    Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    rand_u64, request_context, slot_range_text, take_answer, temp_context, ClientEndpoint,
+    Deadline, DirWatch, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
 /// Most requests a server reads ahead on one slot before it stops reading that client.
@@ -261,15 +261,8 @@ impl UdsServer {
                 }
             }
         } else if m.app_value >= self.num_slots as u64 {
-            let (n, p) = (self.num_slots, self.path.display().to_string());
-            reply_err(
-                &mut self.conns[ci],
-                error_code::ROLE,
-                format!(
-                    "slot {} is out of range for the server at {p} (it has slots 0..{n})",
-                    m.app_value
-                ),
-            );
+            let text = slot_range_text(m.app_value, Some(self.num_slots), &self.path);
+            reply_err(&mut self.conns[ci], error_code::ROLE, text);
             return;
         } else if !self.slot_free(m.app_value as usize) {
             let p = self.path.display().to_string();
@@ -668,7 +661,8 @@ impl UdsClient {
         check_peer_uid(cred.uid.as_raw(), &path)?;
         stream.set_nonblocking(true).at("cannot configure", &path)?;
 
-        let nonce = rand_u64();
+        // Never 0: a refusal with request id 0 is not an answer to our HELLO.
+        let nonce = rand_u64().max(1);
         let mut c = UdsClient {
             path,
             stream: Some(stream),
