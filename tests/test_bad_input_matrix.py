@@ -31,6 +31,7 @@ from sensai import _core
 from sensai.errors import (
     AddressInUseError,
     CapacityError,
+    PeerGoneError,
     ProtocolError,
     RemoteError,
 )
@@ -492,6 +493,81 @@ def test_frame_cut_short_by_the_client(doubling_stream: tuple[str, str]) -> None
     raw.write(good_request(raw.slot)[:100])
     assert raw.finish(shutdown=True) == b""
     assert_doubling_answers(kind, path)
+
+
+def frames_of(data: bytes) -> list[tuple[int, int, bytes]]:
+    """``(kind, request_id, frame)`` of each whole frame in ``data``."""
+    out = []
+    off = 0
+    while off < len(data):
+        (total,) = struct.unpack_from("<Q", data, off + 24)
+        assert off + total <= len(data), f"a frame cut short at byte {off}"
+        frame = data[off : off + total]
+        out.append((frame[6], struct.unpack_from("<Q", frame, 8)[0], frame))
+        off += total
+    return out
+
+
+def float32_tensor(frame: bytes) -> np.ndarray:
+    _, _, offset, nbytes = ENTRY.unpack_from(frame, 64)
+    return np.frombuffer(frame[offset : offset + nbytes], np.float32)
+
+
+@pytest.mark.parametrize("n", [12, 200_000], ids=["small", "over the socket buffer"])
+def test_requests_sent_before_a_half_close_are_answered(
+    doubling_stream: tuple[str, str], n: int
+) -> None:
+    """A client that sends requests, then shuts down its sending side (end of file on the
+    server's side) while it still reads, gets every answer in order; then the server ends the
+    session. A frame cut short by the end of file is dropped."""
+    kind, path = doubling_stream
+    raw = RawSession(kind, path)
+    xs = [np.arange(n, dtype=np.float32) + 1000 * i for i in range(3)]
+    sent = b"".join(encode(1, [x], request_id=i + 1, slot=raw.slot) for i, x in enumerate(xs))
+    raw.write(sent + good_request(raw.slot)[:100])
+    got = frames_of(raw.finish(shutdown=True))
+    assert [(k, rid) for k, rid, _ in got] == [(2, 1), (2, 2), (2, 3)], [f[:2] for f in got]
+    for x, (_, _, frame) in zip(xs, got, strict=True):
+        np.testing.assert_array_equal(float32_tensor(frame), 2 * x)
+    assert_doubling_answers(kind, path, raw.slot)  # the slot is free again
+
+
+@pytest.mark.parametrize("half_close_first", [False, True])
+def test_answer_to_a_client_gone_for_good_is_peer_gone(
+    stream_kind: str, short_tmp: str, half_close_first: bool
+) -> None:
+    """An answer to a client that closed its connection (after a half close or not) fails at
+    once with PeerGoneError, and the slot is free for the next client."""
+    kind = stream_kind
+    path = os.path.join(short_tmp, "ep")
+    server = make_server(kind, path, 1, max_nbytes=1 << 20)
+    try:
+        ready: list[int] = []
+        waiter = threading.Thread(target=lambda: ready.extend(server.wait_any(timeout=20)))
+        waiter.start()
+        raw = RawSession(kind, path)
+        raw.write(good_request(raw.slot))
+        waiter.join(20)
+        assert ready == [raw.slot]
+        x = server.read_tensor_slot(raw.slot)
+        if half_close_first:
+            if kind == "unix_socket":
+                raw.sock.shutdown(socket.SHUT_WR)
+            else:
+                os.close(raw.req)
+            assert server.wait_any(timeout=0) == []  # the server reads the end of file
+            assert server.is_connected(raw.slot)  # ... and still owes the answer
+        raw.close(req=not half_close_first)
+        with pytest.raises(PeerGoneError):
+            server.write_tensor_slot(raw.slot, 2 * x)
+        assert not server.is_connected(raw.slot)
+    finally:
+        server.close()
+
+
+@pytest.fixture(params=STREAM_KINDS)
+def stream_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 # --- connection rows ------------------------------------------------------------------------------

@@ -454,8 +454,8 @@ def run_case(kind: str, path: str, handshake: bool, payload: bytes) -> list[Fram
 
     A payload of complete frames is followed by a good request (the probe): the server has
     handled the payload once it answers the probe or closes, and only then do we close our
-    side (a server may drop the requests of a client that closed). A payload that ends inside
-    a frame is followed by the end of our side at once, which is all the server waits for.
+    side. A payload that ends inside a frame is followed by the end of our side at once,
+    which is all the server waits for (it answers the whole requests before, then closes).
     """
     raw = open_session(kind, path, handshake)
     data = b""

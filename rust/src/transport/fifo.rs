@@ -143,6 +143,10 @@ struct Slot {
     connected: bool,
     pending: VecDeque<Message>,
     unanswered: VecDeque<u64>,
+    /// The client closed its request FIFO but still reads its response FIFO: the requests it
+    /// sent in full are answered, then the session ends (replacing the FIFOs if the value
+    /// is true: the end of file cut a frame short).
+    read_closed: Option<bool>,
     /// Bumped whenever the slot's session (or its file descriptors) changes, so that a poll
     /// event of the previous session is not applied to the next one.
     generation: u64,
@@ -263,6 +267,7 @@ impl FifoServer {
             connected: false,
             pending: VecDeque::new(),
             unanswered: VecDeque::new(),
+            read_closed: None,
             generation: 0,
         })
     }
@@ -289,6 +294,7 @@ impl FifoServer {
         s.connected = false;
         s.pending.clear();
         s.unanswered.clear();
+        s.read_closed = None;
         s.generation += 1;
         let (rq, rs) = (req_path(&dir, i), resp_path(&dir, i));
         if recreate {
@@ -359,8 +365,9 @@ impl FifoServer {
                     return self.reset_slot(i, false);
                 }
             }
+            self.close_if_answered(i)?;
         }
-        if !readable {
+        if !readable || self.slots[i].read_closed.is_some() {
             return Ok(());
         }
         loop {
@@ -392,8 +399,17 @@ impl FifoServer {
                 }
                 Ok(ReadStatus::WouldBlock) => return Ok(()),
                 Ok(ReadStatus::Eof) => {
-                    // The client closed its end (or died): end the session.
+                    // The client closed its end (or died): end the session, unless it still
+                    // reads the answers owed to requests it sent in full.
                     let partial = s.reader.in_progress();
+                    let reading = s
+                        .resp
+                        .as_ref()
+                        .is_some_and(|r| !stream::peer_cannot_read(r));
+                    if s.connected && !s.unanswered.is_empty() && reading {
+                        s.read_closed = Some(partial);
+                        return Ok(());
+                    }
                     return self.reset_slot(i, partial);
                 }
                 Err(Error::Frame(e)) => {
@@ -426,7 +442,9 @@ impl FifoServer {
         let mut fds = Vec::with_capacity(2 * self.slots.len());
         let mut owners = Vec::with_capacity(2 * self.slots.len());
         for (i, s) in self.slots.iter().enumerate() {
-            if s.pending.len() < MAX_PENDING {
+            // A request FIFO without a writer reports a hang-up to every poll: leave it out
+            // once the client closed it.
+            if s.pending.len() < MAX_PENDING && s.read_closed.is_none() {
                 fds.push(PollFd::new(&s.req, PollFlags::IN));
                 owners.push((i, true, s.generation));
             }
@@ -470,6 +488,17 @@ impl FifoServer {
             }
         }
         Ok(())
+    }
+
+    /// End the session of a client that closed its request FIFO once its last answer is sent.
+    fn close_if_answered(&mut self, i: usize) -> Result<()> {
+        let s = &self.slots[i];
+        match s.read_closed {
+            Some(recreate) if s.unanswered.is_empty() && s.out.is_empty() => {
+                self.reset_slot(i, recreate)
+            }
+            _ => Ok(()),
+        }
     }
 
     fn ready_slots(&self) -> Vec<usize> {
@@ -556,7 +585,7 @@ impl ServerEndpoint for FifoServer {
                     "the client on slot {slot} of {dir} went away"
                 )))
             }
-            _ => Ok(()),
+            _ => self.close_if_answered(slot),
         }
     }
 
@@ -576,9 +605,9 @@ impl ServerEndpoint for FifoServer {
                 .to_vec(),
         );
         if s.out.flush(resp)? == Flush::PeerGone {
-            self.reset_slot(slot, false)?;
+            return self.reset_slot(slot, false);
         }
-        Ok(())
+        self.close_if_answered(slot)
     }
 
     fn is_connected(&self, slot: usize) -> bool {

@@ -317,6 +317,17 @@ impl OutQueue {
     }
 }
 
+/// Whether the peer of a stream can no longer read what we write: poll reports a hang-up or
+/// an error on a socket the client closed (a client that only shut down its sending side
+/// reports neither), and an error on a FIFO's write end once nobody has it open for reading.
+pub(crate) fn peer_cannot_read(fd: impl AsFd) -> bool {
+    let mut fds = [PollFd::new(&fd, PollFlags::empty())];
+    match poll_fds(&mut fds, Duration::ZERO) {
+        Ok(_) => fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP),
+        Err(_) => true,
+    }
+}
+
 /// How long a waiting side keeps retrying without blocking before it sleeps in `poll`: a
 /// round trip costs two wake-ups when both sides sleep, and waking a process takes tens of
 /// microseconds on a busy or virtualised machine.

@@ -51,7 +51,30 @@ struct Conn {
     unanswered: VecDeque<u64>,
     /// Close once the queued bytes are sent (a refused handshake).
     closing: bool,
+    /// The client shut down its sending side (end of file) but can still read: the requests
+    /// it sent before are answered, then the connection closes.
+    read_closed: bool,
     dead: bool,
+}
+
+impl Conn {
+    /// The client sent its last byte (end of file). Requests it sent in full are still owed
+    /// their answers while it can read them; otherwise the session ends now. A partly
+    /// received frame is dropped.
+    fn end_of_requests(&mut self) {
+        if self.unanswered.is_empty() || stream::peer_cannot_read(&self.stream) {
+            self.dead = true;
+        } else {
+            self.read_closed = true;
+        }
+    }
+
+    /// End the session of a half-closed client once its last answer is sent.
+    fn close_if_answered(&mut self) {
+        if self.read_closed && self.unanswered.is_empty() && self.out.is_empty() {
+            self.dead = true;
+        }
+    }
 }
 
 /// The server endpoint of the Unix-socket transport.
@@ -215,6 +238,7 @@ impl UdsServer {
                         pending: VecDeque::new(),
                         unanswered: VecDeque::new(),
                         closing: false,
+                        read_closed: false,
                         dead: false,
                     });
                 }
@@ -324,9 +348,11 @@ impl UdsServer {
         let mut probe = [0u8; 1];
         let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
         match rustix::net::recv(&conn.stream, &mut probe[..], flags) {
+            // A client that only shut down its sending side keeps the slot while it waits
+            // for its answers.
             Ok((0, _)) => {
-                conn.dead = true;
-                true
+                conn.end_of_requests();
+                conn.dead
             }
             Ok(_) | Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => false,
             Err(_) => {
@@ -343,11 +369,21 @@ impl UdsServer {
             let conn = &mut self.conns[ci];
             match conn.out.flush(&mut conn.stream) {
                 Ok(Flush::Done) if conn.closing => conn.dead = true,
+                Ok(Flush::Done) => conn.close_if_answered(),
                 Ok(Flush::PeerGone) | Err(_) => conn.dead = true,
                 _ => {}
             }
         }
         if !readable {
+            return;
+        }
+        let conn = &mut self.conns[ci];
+        if conn.read_closed {
+            // Nothing is left to read: poll woke us for a hang-up, so the answers still owed
+            // have nobody to go to.
+            if stream::peer_cannot_read(&conn.stream) {
+                conn.dead = true;
+            }
             return;
         }
         loop {
@@ -383,7 +419,7 @@ impl UdsServer {
                 }
                 Ok(ReadStatus::WouldBlock) => return,
                 Ok(ReadStatus::Eof) => {
-                    conn.dead = true;
+                    conn.end_of_requests();
                     return;
                 }
                 Err(e) => {
@@ -426,7 +462,7 @@ impl UdsServer {
         fds.push(PollFd::new(listener, PollFlags::IN));
         for c in &self.conns {
             let mut ev = PollFlags::empty();
-            if c.pending.len() < MAX_PENDING && !c.closing {
+            if c.pending.len() < MAX_PENDING && !c.closing && !c.read_closed {
                 ev |= PollFlags::IN;
             }
             if !c.out.is_empty() {
@@ -556,7 +592,11 @@ impl ServerEndpoint for UdsServer {
                     path.display()
                 )))
             }
-            _ => Ok(()),
+            _ => {
+                conn.close_if_answered();
+                self.reap();
+                Ok(())
+            }
         }
     }
 
@@ -573,8 +613,9 @@ impl ServerEndpoint for UdsServer {
         conn.out.push(buf.as_slice().to_vec());
         if conn.out.flush(&mut conn.stream)? == Flush::PeerGone {
             conn.dead = true;
-            self.reap();
         }
+        conn.close_if_answered();
+        self.reap();
         Ok(())
     }
 
