@@ -34,8 +34,8 @@ use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::wait_fds;
 use crate::transport::{
     check_client_kind, check_private, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
-    request_context, slot_out_of_range, take_answer, ClientEndpoint, Deadline, DirWatch, Interrupt,
-    Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    request_context, retry_until_up, slot_out_of_range, take_answer, Attempt, ClientEndpoint,
+    Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
 const MAX_PENDING: usize = 8;
@@ -671,21 +671,14 @@ impl FifoClient {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        loop {
-            let watch = DirWatch::new(&[&parent, &dir]);
+        retry_until_up(&[&parent, &dir], &deadline, interrupt, |interrupt| {
             match Self::try_connect(&dir, slot, &deadline, interrupt) {
-                Ok(c) => return Ok(c),
+                Ok(c) => Ok(Attempt::Done(c)),
                 // The server is not there yet, or it restarted the slot under us.
-                Err(Error::PeerGone(m)) => {
-                    if deadline.expired() {
-                        return Err(Error::PeerGone(m));
-                    }
-                    interrupt()?;
-                    watch.wait(&deadline)?;
-                }
-                Err(e) => return Err(e),
+                Err(e @ Error::PeerGone(_)) => Ok(Attempt::NotYet(e)),
+                Err(e) => Err(e),
             }
-        }
+        })
     }
 
     fn try_connect(
@@ -1169,5 +1162,24 @@ mod tests {
         assert_eq!(got.tensor_bytes(0).expect("tensor"), &data);
         let answer = c.recv(timeout, &mut no_interrupt()).expect("the answer");
         assert_eq!(answer.tensor_bytes(0).expect("tensor"), &data);
+    }
+
+    /// As for Unix sockets: no inotify watch for a running server, and a server that comes
+    /// up while the client waits for it (its directory first, then its files) is found at once.
+    #[test]
+    fn connect_watches_only_while_no_server_is_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pipes");
+        crate::transport::testing::assert_watches_only_while_waiting(
+            || FifoServer::bind(&p, 1, Limits::default()).unwrap(),
+            |s: &mut FifoServer| s.pump(Duration::from_millis(5)).unwrap(),
+            || {
+                let p = p.clone();
+                move |i: Interrupt<'_>| {
+                    FifoClient::connect(&p, None, Some(Duration::from_secs(10)), i)
+                }
+            },
+            &[(0, 0, 0), (1, 1, 0), (2, 1, 1)],
+        );
     }
 }

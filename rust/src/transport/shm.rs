@@ -2573,4 +2573,29 @@ mod tests {
         ));
         drop(srv);
     }
+
+    /// Attaching to a running server makes no inotify watch (closing one costs milliseconds
+    /// in the kernel); a server that comes up while the client waits on its watch is found
+    /// at once.
+    #[test]
+    fn attach_watches_only_while_no_server_is_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shm");
+        crate::transport::testing::assert_watches_only_while_waiting(
+            || ShmServer::create(&p, 1, lim(), 2).unwrap(),
+            |s: &mut ShmServer| match s
+                .wait_any(Some(Duration::from_millis(5)), &mut no_interrupt())
+            {
+                Ok(_) | Err(Error::Timeout { .. }) => {}
+                Err(e) => panic!("wait_any: {e}"),
+            },
+            || {
+                let p = p.clone();
+                move |i: Interrupt<'_>| {
+                    ShmClient::attach(&p, None, Some(Duration::from_secs(10)), i)
+                }
+            },
+            &[(0, 0, 0), (1, 1, 1)],
+        );
+    }
 }

@@ -25,8 +25,8 @@ use crate::transport::lock::LockFile;
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::{
     check_client_kind, check_peer_uid, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
-    rand_u64, request_context, slot_range_text, take_answer, temp_context, ClientEndpoint,
-    Deadline, DirWatch, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    rand_u64, request_context, retry_until_up, slot_range_text, take_answer, temp_context, Attempt,
+    ClientEndpoint, Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
 /// Most requests a server reads ahead on one slot before it stops reading that client.
@@ -670,30 +670,25 @@ impl UdsClient {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let stream = loop {
-            let watch = DirWatch::new(&[&parent]);
-            match UnixStream::connect(&path) {
-                Ok(s) => break s,
-                Err(e)
-                    if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused)
-                        && !deadline.expired() =>
-                {
-                    interrupt()?;
-                    // The server is not up yet; its socket appears by an atomic rename.
-                    watch.wait(&deadline)?;
-                }
+        // The server's socket appears by an atomic rename into `parent`.
+        let stream = retry_until_up(
+            &[&parent],
+            &deadline,
+            interrupt,
+            |_| match UnixStream::connect(&path) {
+                Ok(s) => Ok(Attempt::Done(s)),
                 Err(e)
                     if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) =>
                 {
-                    return Err(Error::PeerGone(format!(
+                    Ok(Attempt::NotYet(Error::PeerGone(format!(
                         "no server is listening on {} (waited {:.1}s): {e}",
                         path.display(),
                         deadline.elapsed().as_secs_f64()
-                    )))
+                    ))))
                 }
-                Err(e) => return Err(Error::io_path("cannot connect to", &path, e)),
-            }
-        };
+                Err(e) => Err(Error::io_path("cannot connect to", &path, e)),
+            },
+        )?;
         // Who listens there: a socket another user bound (at a path we were given, or put
         // in place of our server's) must not get our requests or give us answers. The
         // kernel recorded the server's credentials when it called listen(2).
@@ -917,5 +912,26 @@ mod tests {
         assert_eq!(h.join().unwrap(), s);
         srv.close();
         assert!(!p.exists());
+    }
+
+    /// A connection to a running server makes no inotify watch (closing one costs
+    /// milliseconds in the kernel). A client that found no server connects as soon as one
+    /// comes up: between its failed attempt and its watch (the attempt after the watch finds
+    /// it, no wait), or while it waits on the watch.
+    #[test]
+    fn connect_watches_only_while_no_server_is_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.sock");
+        crate::transport::testing::assert_watches_only_while_waiting(
+            || UdsServer::bind(&p, 1, Limits::default()).unwrap(),
+            |s: &mut UdsServer| s.pump(Duration::from_millis(5)).unwrap(),
+            || {
+                let p = p.clone();
+                move |i: Interrupt<'_>| {
+                    UdsClient::connect(&p, None, Some(Duration::from_secs(10)), i)
+                }
+            },
+            &[(0, 0, 0), (1, 1, 0), (2, 1, 1)],
+        );
     }
 }
