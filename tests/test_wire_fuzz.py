@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from sensai import SensAIServer
-from sensai.errors import SensAIError
+from sensai.errors import ProtocolError, SensAIError
 from sensai.transports import connect, create_transport, format_address
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,6 +47,7 @@ ANY_SLOT = 2**64 - 1
 DTYPES = {np.dtype(n): c for n, c in [("int8", 2), ("int16", 3), ("int32", 4), ("int64", 5),
                                        ("uint8", 6), ("uint16", 7), ("float32", 12),
                                        ("float64", 13)]}  # fmt: skip
+CODES = {**DTYPES, np.dtype("uint64"): 9}  # what encode() writes (uint64: HELLO_ACK's tensor)
 # Offsets of the header fields (docs/PROTOCOL.md §3), with their widths.
 FIELDS = [(4, 2), (6, 1), (7, 1), (8, 8), (16, 4), (20, 4), (24, 8), (32, 4), (36, 4), (40, 8),
           (48, 8), (56, 8)]  # fmt: skip
@@ -73,7 +74,7 @@ def encode(
     offset = align64(64 + sum(24 + 8 * a.ndim for a in arrays))
     datas = []
     for a in arrays:
-        table += ENTRY.pack(DTYPES[a.dtype], a.ndim, offset, a.nbytes)
+        table += ENTRY.pack(CODES[a.dtype], a.ndim, offset, a.nbytes)
         table += struct.pack(f"<{a.ndim}Q", *a.shape)
         datas.append((offset, a.tobytes()))
         offset = align64(offset + a.nbytes)
@@ -531,3 +532,49 @@ def test_golden_request_is_answered_over_the_raw_protocol(kind: str, short_tmp: 
         server.stop()
         t.join(30)
         transport.close()
+
+
+@pytest.mark.parametrize("ack_id", ["nonce", "other"])
+def test_unix_socket_client_takes_only_the_acknowledgement_of_its_own_hello(
+    ack_id: str, short_tmp: str
+) -> None:
+    """A fake server (a raw socket speaking §13.1) acknowledges the client's HELLO with the
+    HELLO's nonce, or with another request id: the client connects on the first, and refuses
+    the second with a ProtocolError naming both ids."""
+    path = os.path.join(short_tmp, "fake.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(IO_TIMEOUT)
+    seen: dict[str, int] = {}
+
+    def fake_server() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(IO_TIMEOUT)
+            head = conn.recv(64, socket.MSG_WAITALL)
+            hello = split_frames(head)[0]
+            assert (hello.kind, hello.app_tag, hello.app_value) == (CONTROL, HELLO, ANY_SLOT)
+            seen["nonce"] = hello.request_id
+            rid = hello.request_id if ack_id == "nonce" else hello.request_id ^ (1 << 63)
+            seen["sent"] = rid
+            params = np.array([1, 8, 8, MAX_NBYTES, os.getpid()], dtype=np.uint64)
+            conn.sendall(encode(CONTROL, [params], request_id=rid, app_tag=HELLO_ACK))
+            conn.recv(1)  # hold the connection until the client closes it
+
+    t = threading.Thread(target=fake_server)
+    t.start()
+    try:
+        if ack_id == "nonce":
+            with connect(format_address("unix_socket", path), connect_timeout=IO_TIMEOUT) as c:
+                assert c.slot_id == 0
+        else:
+            with pytest.raises(ProtocolError) as e:
+                connect(format_address("unix_socket", path), connect_timeout=IO_TIMEOUT)
+            text = str(e.value)
+            assert f"request id {seen['sent']}, not for our HELLO" in text, text
+            assert f"expected request id {seen['nonce']}" in text, text
+    finally:
+        t.join(IO_TIMEOUT)
+        listener.close()
+    assert not t.is_alive()

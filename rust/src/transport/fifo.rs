@@ -773,7 +773,8 @@ impl FifoClient {
             outstanding: VecDeque::new(),
             server_pid,
         };
-        let nonce = crate::transport::rand_u64();
+        // Never 0: a refusal with request id 0 is not an answer to our HELLO.
+        let nonce = crate::transport::rand_u64().max(1);
         let meta = Meta {
             kind: Kind::Control,
             flags: 0,
@@ -857,7 +858,7 @@ impl FifoClient {
         if msg.meta().request_id != nonce {
             return Err(Error::PeerGone(format!("{what}: stale acknowledgement")));
         }
-        let params = parse_hello_ack(&msg, dir)?;
+        let params = parse_hello_ack(&msg, nonce, dir)?;
         c.limits = params.limits;
         c.reader.set_limits(params.limits);
         Ok(c)

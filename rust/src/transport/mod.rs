@@ -484,12 +484,25 @@ pub(crate) struct ServerParams {
     pub limits: Limits,
 }
 
-/// Read the server's answer to our `HELLO`. A `ROLE` refusal of the `HELLO` itself (its
-/// request id is our nonce) means the slot we named is out of range (§13.1): that is the
-/// caller's bad argument, as on the transports that check the slot on the client side.
-pub(crate) fn parse_hello_ack(msg: &Message, path: &Path) -> Result<ServerParams> {
+/// Read the server's answer to our `HELLO`, whose request id was `nonce` (never 0). The
+/// answer must carry that nonce (§13.1), except an error frame with request id 0: a refusal
+/// the server made before it read the `HELLO` (§11). A `ROLE` refusal of the `HELLO` itself
+/// means the slot we named is out of range (§13.1): that is the caller's bad argument, as on
+/// the transports that check the slot on the client side.
+pub(crate) fn parse_hello_ack(msg: &Message, nonce: u64, path: &Path) -> Result<ServerParams> {
+    let rid = msg.meta().request_id;
+    let answers_hello = rid == nonce;
+    let unattributed_refusal = msg.meta().kind == Kind::Error && rid == 0;
+    if !(answers_hello || unattributed_refusal) {
+        return Err(Error::Protocol(format!(
+            "the server at {} answered the handshake with a {} frame for request id {rid}, not \
+             for our HELLO: expected request id {nonce} (the HELLO's nonce), or 0 on an error \
+             frame",
+            path.display(),
+            msg.meta().kind.name()
+        )));
+    }
     if let Some(e) = msg.as_remote_error() {
-        let answers_hello = msg.meta().request_id != 0;
         return Err(match e {
             Error::Remote { code, message } if code == frame::error_code::UNAVAILABLE => {
                 Error::Capacity(message)

@@ -732,7 +732,7 @@ impl UdsClient {
         if let Err(e) = sent {
             // A server that refused us may have said why before closing.
             if let Ok(ReadStatus::Frame(m)) = c.reader.read_from(stream) {
-                parse_hello_ack(&m, &c.path)?;
+                parse_hello_ack(&m, nonce, &c.path)?;
             }
             return Err(e);
         }
@@ -744,7 +744,7 @@ impl UdsClient {
             &|| what_s.clone(),
             &mut || Ok(()),
         )?;
-        let params = parse_hello_ack(&msg, &c.path)?;
+        let params = parse_hello_ack(&msg, nonce, &c.path)?;
         c.slot = params.slot;
         c.limits = params.limits;
         c.reader.set_limits(params.limits);
