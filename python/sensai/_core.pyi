@@ -65,7 +65,16 @@ class ServerEndpoint:
     """The server side of a transport (Unix socket, named pipes or shared memory).
 
     Every method that takes a ``slot_id`` raises ``ValueError`` for one outside
-    ``0 .. num_slots - 1``, naming the slot and the valid ids."""
+    ``0 .. num_slots - 1``, naming the slot and the valid ids.
+
+    Threads: an endpoint serves one call at a time. ``close()`` and the properties (``kind``,
+    ``path``, ``num_slots``, ``limits``, ``closed``) work from any thread at any time, and from
+    a signal handler. ``close()`` from another thread ends a ``wait_any`` in progress at once
+    (it raises ``ClosedError``) and returns once the endpoint is closed; from a signal handler
+    running inside this thread's own call, the endpoint closes when that call returns. Any
+    other method called while another thread is inside ``wait_any`` raises ``BusyError``
+    naming both calls (it would wait up to the whole timeout); while another thread is in a
+    short call (``recv``, ``send``, ...), it waits for that call to end."""
 
     @staticmethod
     def unix_socket(
@@ -124,7 +133,8 @@ class ServerEndpoint:
     def closed(self) -> bool:
         """Whether ``close`` was called."""
     def wait_any(self, timeout: float | None = None) -> list[int]:
-        """Block until requests are pending; returns their slots. ``timeout=0`` polls."""
+        """Block until requests are pending; returns their slots. ``timeout=0`` polls.
+        ``close()`` from another thread or a signal handler ends it with ``ClosedError``."""
     def is_ready_slot(self, slot_id: int) -> bool:
         """Whether ``slot_id`` has a pending request (does non-blocking I/O first)."""
     def is_connected(self, slot_id: int) -> bool:
@@ -145,11 +155,16 @@ class ServerEndpoint:
     def send_error(self, slot_id: int, code: int, message: str) -> None:
         """Answer the oldest unanswered request of ``slot_id`` with an error frame."""
     def close(self) -> None:
-        """Stop serving and remove the transport's files. Idempotent."""
+        """Stop serving and remove the transport's files. Idempotent; from any thread."""
 
 class ClientEndpoint:
     """The client side of a transport, bound to one slot. Connecting with a ``slot_id``
-    outside the server's slots raises ``ValueError`` on every transport."""
+    outside the server's slots raises ``ValueError`` on every transport.
+
+    Threads: as for ``ServerEndpoint``, with ``send``, ``recv`` and ``request`` the blocking
+    calls: while one thread is inside one, another may read the properties (``kind``,
+    ``path``, ``slot_id``, ``limits``, ``closed``) or ``close()`` the client, which ends that
+    call with ``ClosedError``; any other method raises ``BusyError``."""
 
     @staticmethod
     def unix_socket(
@@ -210,4 +225,4 @@ class ClientEndpoint:
     ) -> Message:
         """Send a request and wait for its response (the timeout covers both)."""
     def close(self) -> None:
-        """Release the slot and the connection. Idempotent."""
+        """Release the slot and the connection. Idempotent; from any thread."""

@@ -12,6 +12,7 @@ __all__ = [
     "RemoteError",
     "AddressInUseError",
     "ClosedError",
+    "BusyError",
     "ModelNotFoundError",
 ]
 
@@ -58,7 +59,17 @@ class AddressInUseError(SensAIError, OSError):
 
 
 class ClosedError(SensAIError, ValueError):
-    """The endpoint was already closed."""
+    """The endpoint was already closed, or was closed (from another thread or a signal
+    handler) while the call waited."""
+
+
+class BusyError(SensAIError, RuntimeError):
+    """An endpoint method was called while another thread is inside a blocking call on the
+    same endpoint (``wait_any``; a client's ``send``, ``recv`` or ``request``), or from a
+    signal handler running inside one. An endpoint serves one thread at a time: other calls
+    wait for a short call of another thread to end, and ``close()`` and the properties work
+    from any thread (``close()`` ends the blocking call with ``ClosedError``). The message
+    names the method called and the call that holds the endpoint."""
 
 
 class ModelNotFoundError(SensAIError, FileNotFoundError):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._core import ERROR_CODES
-from .errors import PeerGoneError, SensAIError, TransportTimeout
+from .errors import ClosedError, PeerGoneError, SensAIError, TransportTimeout
 
 __all__ = ["SensAIServer"]
 
@@ -82,20 +82,35 @@ class SensAIServer:
         return True
 
     def serve_forever(self, fn: Callable[[Any], Any], poll_timeout: float = 0.5) -> None:
-        """Serve until :meth:`stop` is called (or KeyboardInterrupt)."""
+        """Serve until :meth:`stop` is called (or KeyboardInterrupt).
+
+        ``stop()`` alone takes effect when the current wait ends (at most ``poll_timeout``);
+        ``stop()`` then ``transport.close()`` (from another thread or a signal handler) ends
+        the wait at once. A transport closed without ``stop()`` raises ``ClosedError``.
+        """
         self._stop.clear()
         while not self._stop.is_set():
             try:
-                ready = self.transport.wait_any(poll_timeout)
-            except TransportTimeout:
-                continue
-            for slot_id in ready:
-                self.process_slot(slot_id, fn)
+                self._serve_once(fn, poll_timeout)
+            except ClosedError:
+                if self._stop.is_set():
+                    return  # closed after stop(): the way to end a wait at once
+                raise
+
+    def _serve_once(self, fn: Callable[[Any], Any], poll_timeout: float) -> None:
+        try:
+            ready = self.transport.wait_any(poll_timeout)
+        except TransportTimeout:
+            return
+        for slot_id in ready:
+            self.process_slot(slot_id, fn)
 
     def run_loop(self, fn: Callable[[Any], Any], interval: float = 0.001) -> None:
         """The seed's loop; ``interval`` is accepted and ignored (the loop is event-driven)."""
         self.serve_forever(fn)
 
     def stop(self) -> None:
-        """Make :meth:`serve_forever` return after the current request."""
+        """Make :meth:`serve_forever` return after the current request. Safe from any thread
+        and from a signal handler (it only sets an event); close the transport after it to
+        end a wait in progress at once."""
         self._stop.set()

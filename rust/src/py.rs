@@ -5,8 +5,16 @@
 //! re-acquires it every few milliseconds during waits to let Ctrl-C through, and turns
 //! received frames into numpy arrays that view the received buffer (no copy). Errors
 //! become the exception classes of `sensai.errors`.
+//!
+//! Threads: the endpoint classes are `frozen` (no PyO3 borrow flag, whose violation was a bare
+//! `RuntimeError: Already borrowed`); each keeps its endpoint in a [`Shared`], which lets one
+//! call at a time use it, makes a second caller wait for a short call or raise `BusyError`
+//! during a blocking one, and lets `close()` and the properties through at any time.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use numpy::npyffi::{
@@ -47,15 +55,14 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
             };
         }
     };
-    let build = || -> PyResult<PyErr> {
-        let cls = py.import("sensai.errors")?.getattr(class)?;
-        let inst = match &e {
-            Error::Remote { code, message } => cls.call1((*code, message.as_str()))?,
-            _ => cls.call1((msg.as_str(),))?,
+    if let Error::Remote { code, message } = &e {
+        let build = || -> PyResult<PyErr> {
+            let cls = py.import("sensai.errors")?.getattr(class)?;
+            Ok(PyErr::from_value(cls.call1((*code, message.as_str()))?))
         };
-        Ok(PyErr::from_value(inst))
-    };
-    build().unwrap_or_else(|err| err)
+        return build().unwrap_or_else(|err| err);
+    }
+    sensai_error(py, class, &msg)
 }
 
 /// Run `f` without the GIL. `f` gets an interrupt callback that briefly re-takes the GIL to
@@ -64,18 +71,37 @@ fn detached<T: Send>(
     py: Python<'_>,
     f: impl FnOnce(&mut dyn FnMut() -> Result<(), Error>) -> Result<T, Error> + Send,
 ) -> PyResult<T> {
+    detached_until(py, None, f, |py| to_pyerr(py, Error::Closed))
+}
+
+/// [`detached`], whose interrupt callback also ends the wait once `closing` is set (after the
+/// signal handlers ran: one of them may have set it), with the error `on_closed` makes.
+fn detached_until<T: Send>(
+    py: Python<'_>,
+    closing: Option<&AtomicBool>,
+    f: impl FnOnce(&mut dyn FnMut() -> Result<(), Error>) -> Result<T, Error> + Send,
+    on_closed: impl FnOnce(Python<'_>) -> PyErr,
+) -> PyResult<T> {
     let mut stash: Option<PyErr> = None;
+    let mut closed = false;
     let result = py.detach(|| {
         let mut check = || {
             Python::attach(|py| py.check_signals()).map_err(|e| {
                 stash = Some(e);
                 Error::Interrupted
-            })
+            })?;
+            // Acquire: pairs with the Release store of `close()`.
+            if closing.is_some_and(|c| c.load(Ordering::Acquire)) {
+                closed = true;
+                return Err(Error::Closed);
+            }
+            Ok(())
         };
         f(&mut check)
     });
     result.map_err(|e| match (e, stash.take()) {
         (Error::Interrupted, Some(err)) => err,
+        (Error::Closed, _) if closed => on_closed(py),
         (e, _) => to_pyerr(py, e),
     })
 }
@@ -436,55 +462,279 @@ fn kind_arg(kind: &str) -> PyResult<Kind> {
     }
 }
 
+/// The exception `class` of `sensai.errors` with the text `msg`.
+fn sensai_error(py: Python<'_>, class: &str, msg: &str) -> PyErr {
+    let build = || -> PyResult<PyErr> {
+        let cls = py.import("sensai.errors")?.getattr(class)?;
+        Ok(PyErr::from_value(cls.call1((msg,))?))
+    };
+    build().unwrap_or_else(|err| err)
+}
+
+/// Lock a mutex whose holder may have panicked: the data it guards (an endpoint, or who
+/// holds it) stays valid to use, a panic inside an endpoint call already became Python's
+/// `PanicException`.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The call that holds an endpoint, named in the error a second caller gets.
+#[derive(Clone, Copy)]
+struct Holder {
+    thread: ThreadId,
+    method: &'static str,
+    /// The call may block for as long as its timeout (`wait_any`, a client's `recv`): a second
+    /// caller gets `BusyError` at once rather than wait for it.
+    blocking: bool,
+}
+
+/// What an endpoint does when it is closed.
+trait Close {
+    fn close_now(&mut self);
+}
+
+/// An endpoint that Python threads share. Calls take turns: one holds the endpoint at a time,
+/// a second caller waits (with the GIL released) for a short call to finish and gets
+/// `BusyError` while the holder is in a blocking one. `close()` and the properties never
+/// wait: `close()` sets `closing`, which ends the holder's wait at its next interrupt check
+/// (at most `INTERRUPT_CHECK`), and the endpoint is closed by whichever of the two comes last.
+struct Shared<T: Close> {
+    core: Mutex<Option<T>>,
+    holder: Mutex<Option<Holder>>,
+    released: Condvar,
+    closing: AtomicBool,
+    class: &'static str,
+    path: String,
+}
+
+/// One call's hold on a [`Shared`] endpoint; released (and the endpoint closed, if `close()`
+/// was called meanwhile) when dropped.
+struct Held<'a, T: Close> {
+    shared: &'a Shared<T>,
+    core: MutexGuard<'a, Option<T>>,
+}
+
+impl<T: Close> Held<'_, T> {
+    /// The endpoint, or `ClosedError`.
+    fn get(&mut self) -> PyResult<&mut T> {
+        self.core
+            .as_mut()
+            .ok_or_else(|| Python::attach(|py| to_pyerr(py, Error::Closed)))
+    }
+}
+
+impl<T: Close> Drop for Held<'_, T> {
+    fn drop(&mut self) {
+        // Acquire: see the flag that a `close()` waiting for this call (or one called from a
+        // signal handler inside it) set before it waited.
+        if self.shared.closing.load(Ordering::Acquire) {
+            if let Some(mut c) = self.core.take() {
+                c.close_now();
+            }
+        }
+        *lock(&self.shared.holder) = None;
+        self.shared.released.notify_all();
+    }
+}
+
+impl<T: Close + Send> Shared<T> {
+    fn new(core: T, class: &'static str, path: String) -> Shared<T> {
+        Shared {
+            core: Mutex::new(Some(core)),
+            holder: Mutex::new(None),
+            released: Condvar::new(),
+            closing: AtomicBool::new(false),
+            class,
+            path,
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// `ClosedError` once `close()` was called.
+    fn check_open(&self, py: Python<'_>) -> PyResult<()> {
+        if self.closed() {
+            return Err(to_pyerr(py, Error::Closed));
+        }
+        Ok(())
+    }
+
+    /// Wait (call it without the GIL) until no call holds the endpoint, and return the lock on
+    /// its holder, or return at once the holder for which `give_up` is true.
+    fn wait_for_holder(
+        &self,
+        give_up: impl Fn(&Holder) -> bool,
+    ) -> Result<MutexGuard<'_, Option<Holder>>, Holder> {
+        let mut h = lock(&self.holder);
+        while let Some(other) = *h {
+            if give_up(&other) {
+                return Err(other);
+            }
+            h = self
+                .released
+                .wait(h)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        Ok(h)
+    }
+
+    /// Take the endpoint for `method`: wait for a short call of another thread to end, refuse
+    /// (`BusyError`) while another thread is in a blocking call or while this thread is (a
+    /// signal handler running inside that call).
+    fn hold(&self, py: Python<'_>, method: &'static str, blocking: bool) -> PyResult<Held<'_, T>> {
+        let me = std::thread::current().id();
+        let waited: Result<(), Holder> = py.detach(|| {
+            let mut h = self.wait_for_holder(|other| other.thread == me || other.blocking)?;
+            *h = Some(Holder {
+                thread: me,
+                method,
+                blocking,
+            });
+            Ok(())
+        });
+        if let Err(other) = waited {
+            let (c, p) = (self.class, &self.path);
+            let msg = if other.thread == me {
+                format!(
+                    "{c}.{method} was called while this thread is inside {c}.{} on {p} (from a \
+                     signal handler?); only close() and the properties kind, path, num_slots, \
+                     limits and closed may be called there",
+                    other.method
+                )
+            } else {
+                format!(
+                    "{c}.{method}: the endpoint at {p} is busy in another thread, inside \
+                     {c}.{}, which blocks until its timeout; an endpoint serves one thread at a \
+                     time: call it from the thread that waits, or close() it from this one \
+                     (close() and the properties kind, path, num_slots, limits and closed work \
+                     from any thread)",
+                    other.method
+                )
+            };
+            return Err(sensai_error(py, "BusyError", &msg));
+        }
+        Ok(Held {
+            shared: self,
+            core: lock(&self.core),
+        })
+    }
+
+    /// Close now, or, from a signal handler inside this thread's own call on the endpoint,
+    /// once that call returns. A blocking call of another thread ends at its next interrupt
+    /// check (`ClosedError`), and this returns once the endpoint is closed.
+    fn close(&self, py: Python<'_>) {
+        // Release: a holder that sees the flag (in its interrupt check or when it lets go)
+        // closes the endpoint itself.
+        self.closing.store(true, Ordering::Release);
+        let me = std::thread::current().id();
+        let core = py.detach(|| {
+            // This thread's own call (a signal handler runs inside it) closes it when it returns.
+            let h = self.wait_for_holder(|other| other.thread == me).ok()?;
+            // Nobody holds the endpoint, and nobody can take it while we hold `holder`.
+            let core = lock(&self.core).take();
+            drop(h);
+            core
+        });
+        if let Some(mut c) = core {
+            py.detach(|| c.close_now());
+        }
+    }
+
+    /// Run `f` without the GIL, as [`detached`] does, and end its wait (`ClosedError`
+    /// naming `method`) when `close()` is called from another thread or a signal handler.
+    fn detached<R: Send>(
+        &self,
+        py: Python<'_>,
+        method: &str,
+        f: impl FnOnce(&mut dyn FnMut() -> Result<(), Error>) -> Result<R, Error> + Send,
+    ) -> PyResult<R> {
+        detached_until(py, Some(&self.closing), f, |py| {
+            let msg = format!(
+                "{}.{method} on {}: the endpoint was closed (close() from another thread or a \
+                 signal handler) while the call waited",
+                self.class, self.path
+            );
+            sensai_error(py, "ClosedError", &msg)
+        })
+    }
+}
+
 enum ServerImpl {
     Stream(Box<dyn ServerEndpoint>),
     Shm(ShmServer),
 }
 
-/// The server side of a transport (Unix socket, named pipes or shared memory).
-#[pyclass(module = "sensai._core", name = "ServerEndpoint")]
+impl Close for ServerImpl {
+    fn close_now(&mut self) {
+        match self {
+            ServerImpl::Stream(s) => s.close(),
+            ServerImpl::Shm(s) => s.close(),
+        }
+    }
+}
+
+impl ServerImpl {
+    fn endpoint(&mut self) -> &mut dyn ServerEndpoint {
+        match self {
+            ServerImpl::Stream(s) => s.as_mut(),
+            ServerImpl::Shm(s) => s,
+        }
+    }
+}
+
+/// The server side of a transport (Unix socket, named pipes or shared memory). Shared by
+/// threads as [`Shared`] says.
+#[pyclass(module = "sensai._core", name = "ServerEndpoint", frozen)]
 pub struct PyServer {
-    inner: Option<ServerImpl>,
+    shared: Shared<ServerImpl>,
     kind: &'static str,
-    path: String,
+    num_slots: usize,
+    limits: Limits,
 }
 
 impl PyServer {
-    fn inner(&mut self) -> PyResult<&mut dyn ServerEndpoint> {
-        match self.inner.as_mut() {
-            Some(ServerImpl::Stream(s)) => Ok(s.as_mut()),
-            Some(ServerImpl::Shm(s)) => Ok(s),
-            None => Err(Python::attach(|py| to_pyerr(py, Error::Closed))),
+    fn new(s: ServerImpl, kind: &'static str, path: String) -> PyServer {
+        let mut s = s;
+        let (num_slots, limits) = {
+            let e = s.endpoint();
+            (e.num_slots(), *e.limits())
+        };
+        PyServer {
+            shared: Shared::new(s, "ServerEndpoint", path),
+            kind,
+            num_slots,
+            limits,
         }
     }
 
     /// A slot id from Python, checked against this server's slots: a negative one is out of
     /// range like one past the last slot (the same `ValueError`), not an `OverflowError`.
-    fn slot_arg(&mut self, py: Python<'_>, slot_id: i64) -> PyResult<usize> {
-        let n = self.inner()?.num_slots();
+    fn slot_arg(&self, py: Python<'_>, slot_id: i64) -> PyResult<usize> {
+        self.shared.check_open(py)?;
+        let n = self.num_slots;
         match usize::try_from(slot_id) {
             Ok(s) if s < n => Ok(s),
             _ => Err(to_pyerr(
                 py,
-                slot_out_of_range(slot_id, Some(n), std::path::Path::new(&self.path)),
+                slot_out_of_range(slot_id, Some(n), std::path::Path::new(&self.shared.path)),
             )),
         }
     }
+}
 
-    fn shm(&mut self) -> PyResult<&mut ShmServer> {
-        let kind = self.kind;
-        match self.inner.as_mut() {
-            Some(ServerImpl::Shm(s)) => Ok(s),
-            Some(ServerImpl::Stream(_)) => Err(Python::attach(|py| {
-                to_pyerr(
-                    py,
-                    Error::Role(format!(
-                        "reserve/publish writes in place into shared memory; this is a {kind} server"
-                    )),
-                )
-            })),
-            None => Err(Python::attach(|py| to_pyerr(py, Error::Closed))),
-        }
+fn shm_of<'a>(kind: &str, s: &'a mut ServerImpl) -> PyResult<&'a mut ShmServer> {
+    match s {
+        ServerImpl::Shm(s) => Ok(s),
+        ServerImpl::Stream(_) => Err(Python::attach(|py| {
+            to_pyerr(
+                py,
+                Error::Role(format!(
+                    "reserve/publish writes in place into shared memory; this is a {kind} server"
+                )),
+            )
+        })),
     }
 }
 
@@ -562,11 +812,11 @@ impl PyServer {
         let s = py
             .detach(|| UdsServer::bind(&p, num_slots, limits))
             .map_err(|e| to_pyerr(py, e))?;
-        Ok(PyServer {
-            inner: Some(ServerImpl::Stream(Box::new(s))),
-            kind: "unix_socket",
+        Ok(PyServer::new(
+            ServerImpl::Stream(Box::new(s)),
+            "unix_socket",
             path,
-        })
+        ))
     }
 
     /// Serve through named pipes in the directory `path`.
@@ -585,11 +835,11 @@ impl PyServer {
         let s = py
             .detach(|| FifoServer::bind(&p, num_slots, limits))
             .map_err(|e| to_pyerr(py, e))?;
-        Ok(PyServer {
-            inner: Some(ServerImpl::Stream(Box::new(s))),
-            kind: "named_pipe",
+        Ok(PyServer::new(
+            ServerImpl::Stream(Box::new(s)),
+            "named_pipe",
             path,
-        })
+        ))
     }
 
     /// Serve through a shared-memory file at `path` (a bare name goes under /dev/shm),
@@ -613,18 +863,14 @@ impl PyServer {
         let path = crate::transport::shm::resolve_path(std::path::Path::new(&path))
             .display()
             .to_string();
-        Ok(PyServer {
-            inner: Some(ServerImpl::Shm(s)),
-            kind: "shared_memory",
-            path,
-        })
+        Ok(PyServer::new(ServerImpl::Shm(s), "shared_memory", path))
     }
 
     /// Reserve a response buffer on `slot_id` for tensors of the given `(dtype, shape)`
     /// (shared memory only). Fill `Reservation.arrays()` in place, then `publish` it.
     #[pyo3(signature = (slot_id, specs, is_list = false, tag = 0, value = 0))]
     fn reserve(
-        &mut self,
+        &self,
         py: Python<'_>,
         slot_id: i64,
         specs: Vec<(String, Vec<u64>)>,
@@ -649,10 +895,12 @@ impl PyServer {
             .collect();
         let meta = header(Kind::Response, is_list, tag, value);
         let slot_id = self.slot_arg(py, slot_id)?;
-        let shm = self.shm()?;
+        let mut held = self.shared.hold(py, "reserve", false)?;
+        let shm = shm_of(self.kind, held.get()?)?;
         let r = py
             .detach(|| shm.reserve(slot_id, meta, &tspecs))
             .map_err(|e| to_pyerr(py, e))?;
+        drop(held);
         let ptrs = (0..r.num_tensors())
             .map(|i| {
                 SendPtr(
@@ -674,7 +922,9 @@ impl PyServer {
     }
 
     /// Send a filled reservation to its client.
-    fn publish(&mut self, py: Python<'_>, reservation: &Bound<'_, PyReservation>) -> PyResult<()> {
+    fn publish(&self, py: Python<'_>, reservation: &Bound<'_, PyReservation>) -> PyResult<()> {
+        let mut held = self.shared.hold(py, "publish", false)?;
+        let shm = shm_of(self.kind, held.get()?)?;
         let r = reservation
             .get()
             .inner
@@ -684,7 +934,6 @@ impl PyServer {
             .ok_or_else(|| {
                 PyValueError::new_err("this reservation was already published or cancelled")
             })?;
-        let shm = self.shm()?;
         py.detach(|| shm.publish(r)).map_err(|e| to_pyerr(py, e))
     }
 
@@ -694,47 +943,54 @@ impl PyServer {
     }
     #[getter]
     fn path(&self) -> String {
-        self.path.clone()
+        self.shared.path.clone()
     }
     #[getter]
-    fn num_slots(&mut self) -> PyResult<usize> {
-        Ok(self.inner()?.num_slots())
+    fn num_slots(&self, py: Python<'_>) -> PyResult<usize> {
+        self.shared.check_open(py)?;
+        Ok(self.num_slots)
     }
     /// `(max_tensors, max_dims, max_nbytes)`.
     #[getter]
-    fn limits(&mut self) -> PyResult<(u32, u32, u64)> {
-        let l = *self.inner()?.limits();
+    fn limits(&self, py: Python<'_>) -> PyResult<(u32, u32, u64)> {
+        self.shared.check_open(py)?;
+        let l = self.limits;
         Ok((l.max_tensors, l.max_dims, l.max_payload_bytes))
     }
     #[getter]
     fn closed(&self) -> bool {
-        self.inner.is_none()
+        self.shared.closed()
     }
 
     /// Block until requests are pending; returns their slots. `timeout=0` polls.
     #[pyo3(signature = (timeout = None))]
-    fn wait_any(&mut self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<usize>> {
+    fn wait_any(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<usize>> {
         let t = timeout_arg(timeout, "timeout")?;
-        let inner = self.inner()?;
-        detached(py, |check| inner.wait_any(t, check))
+        let mut held = self.shared.hold(py, "wait_any", true)?;
+        let inner = held.get()?.endpoint();
+        self.shared
+            .detached(py, "wait_any", |check| inner.wait_any(t, check))
     }
 
-    fn is_ready_slot(&mut self, py: Python<'_>, slot_id: i64) -> PyResult<bool> {
+    fn is_ready_slot(&self, py: Python<'_>, slot_id: i64) -> PyResult<bool> {
         let slot_id = self.slot_arg(py, slot_id)?;
-        let inner = self.inner()?;
+        let mut held = self.shared.hold(py, "is_ready_slot", false)?;
+        let inner = held.get()?.endpoint();
         py.detach(|| inner.is_ready_slot(slot_id))
             .map_err(|e| to_pyerr(py, e))
     }
 
-    fn is_connected(&mut self, py: Python<'_>, slot_id: i64) -> PyResult<bool> {
+    fn is_connected(&self, py: Python<'_>, slot_id: i64) -> PyResult<bool> {
         let slot_id = self.slot_arg(py, slot_id)?;
-        Ok(self.inner()?.is_connected(slot_id))
+        let mut held = self.shared.hold(py, "is_connected", false)?;
+        Ok(held.get()?.endpoint().is_connected(slot_id))
     }
 
     /// The next request on `slot_id`, or None.
-    fn recv(&mut self, py: Python<'_>, slot_id: i64) -> PyResult<Option<PyMessage>> {
+    fn recv(&self, py: Python<'_>, slot_id: i64) -> PyResult<Option<PyMessage>> {
         let slot_id = self.slot_arg(py, slot_id)?;
-        let inner = self.inner()?;
+        let mut held = self.shared.hold(py, "recv", false)?;
+        let inner = held.get()?.endpoint();
         let m = py
             .detach(|| inner.recv(slot_id))
             .map_err(|e| to_pyerr(py, e))?;
@@ -745,7 +1001,7 @@ impl PyServer {
     #[pyo3(signature = (slot_id, arrays, dtypes = None, is_list = false, tag = 0, value = 0, kind = "response"))]
     #[allow(clippy::too_many_arguments)]
     fn send(
-        &mut self,
+        &self,
         py: Python<'_>,
         slot_id: i64,
         arrays: Vec<Bound<'_, PyAny>>,
@@ -759,58 +1015,60 @@ impl PyServer {
         let out = Outgoing::collect(&arrays, dtypes)?;
         let meta = header(kind, is_list, tag, value);
         let slot_id = self.slot_arg(py, slot_id)?;
-        let inner = self.inner()?;
+        let mut held = self.shared.hold(py, "send", false)?;
+        let inner = held.get()?.endpoint();
         py.detach(|| inner.send(slot_id, meta, &out.refs()))
             .map_err(|e| to_pyerr(py, e))
     }
 
     /// Answer the oldest unanswered request of `slot_id` with an error frame.
-    fn send_error(
-        &mut self,
-        py: Python<'_>,
-        slot_id: i64,
-        code: u32,
-        message: &str,
-    ) -> PyResult<()> {
+    fn send_error(&self, py: Python<'_>, slot_id: i64, code: u32, message: &str) -> PyResult<()> {
         let slot_id = self.slot_arg(py, slot_id)?;
-        let inner = self.inner()?;
+        let mut held = self.shared.hold(py, "send_error", false)?;
+        let inner = held.get()?.endpoint();
         py.detach(|| inner.send_error(slot_id, code, message))
             .map_err(|e| to_pyerr(py, e))
     }
 
-    /// Stop serving and remove the transport's files. Idempotent.
-    fn close(&mut self) {
-        match self.inner.take() {
-            Some(ServerImpl::Stream(mut s)) => s.close(),
-            Some(ServerImpl::Shm(mut s)) => s.close(),
-            None => {}
-        }
+    /// Stop serving and remove the transport's files. Idempotent; callable from any thread.
+    fn close(&self, py: Python<'_>) {
+        self.shared.close(py);
     }
 
     fn __repr__(&self) -> String {
         format!(
             "ServerEndpoint(kind={:?}, path={:?}, closed={})",
             self.kind,
-            self.path,
-            self.inner.is_none()
+            self.shared.path,
+            self.shared.closed()
         )
     }
 }
 
-/// The client side of a transport, bound to one slot.
-#[pyclass(module = "sensai._core", name = "ClientEndpoint")]
+impl Close for Box<dyn ClientEndpoint> {
+    fn close_now(&mut self) {
+        self.close();
+    }
+}
+
+/// The client side of a transport, bound to one slot. Shared by threads as [`Shared`] says.
+#[pyclass(module = "sensai._core", name = "ClientEndpoint", frozen)]
 pub struct PyClient {
-    inner: Option<Box<dyn ClientEndpoint>>,
+    shared: Shared<Box<dyn ClientEndpoint>>,
     kind: &'static str,
-    path: String,
     slot: usize,
+    limits: Limits,
 }
 
 impl PyClient {
-    fn inner(&mut self) -> PyResult<&mut Box<dyn ClientEndpoint>> {
-        self.inner
-            .as_mut()
-            .ok_or_else(|| Python::attach(|py| to_pyerr(py, Error::Closed)))
+    fn new(c: Box<dyn ClientEndpoint>, kind: &'static str, path: String) -> PyClient {
+        let (slot, limits) = (c.slot(), *c.limits());
+        PyClient {
+            shared: Shared::new(c, "ClientEndpoint", path),
+            kind,
+            slot,
+            limits,
+        }
     }
 }
 
@@ -829,13 +1087,7 @@ impl PyClient {
         let slot_id = client_slot_arg(py, slot_id, &path)?;
         let p = path.clone();
         let c = detached(py, |check| UdsClient::connect(&p, slot_id, t, check))?;
-        let slot = c.slot();
-        Ok(PyClient {
-            inner: Some(Box::new(c)),
-            kind: "unix_socket",
-            path,
-            slot,
-        })
+        Ok(PyClient::new(Box::new(c), "unix_socket", path))
     }
 
     /// Lease `slot_id` (None: any free slot) of a named-pipe server.
@@ -851,13 +1103,7 @@ impl PyClient {
         let slot_id = client_slot_arg(py, slot_id, &path)?;
         let p = path.clone();
         let c = detached(py, |check| FifoClient::connect(&p, slot_id, t, check))?;
-        let slot = c.slot();
-        Ok(PyClient {
-            inner: Some(Box::new(c)),
-            kind: "named_pipe",
-            path,
-            slot,
-        })
+        Ok(PyClient::new(Box::new(c), "named_pipe", path))
     }
 
     /// Attach to a shared-memory server and lease `slot_id` (None: any free slot).
@@ -873,16 +1119,10 @@ impl PyClient {
         let slot_id = client_slot_arg(py, slot_id, &path)?;
         let p = path.clone();
         let c = detached(py, |check| ShmClient::attach(&p, slot_id, t, check))?;
-        let slot = c.slot();
         let path = crate::transport::shm::resolve_path(std::path::Path::new(&path))
             .display()
             .to_string();
-        Ok(PyClient {
-            inner: Some(Box::new(c)),
-            kind: "shared_memory",
-            path,
-            slot,
-        })
+        Ok(PyClient::new(Box::new(c), "shared_memory", path))
     }
 
     #[getter]
@@ -891,7 +1131,7 @@ impl PyClient {
     }
     #[getter]
     fn path(&self) -> String {
-        self.path.clone()
+        self.shared.path.clone()
     }
     #[getter]
     fn slot_id(&self) -> usize {
@@ -899,20 +1139,21 @@ impl PyClient {
     }
     /// The server's `(max_tensors, max_dims, max_nbytes)`.
     #[getter]
-    fn limits(&mut self) -> PyResult<(u32, u32, u64)> {
-        let l = *self.inner()?.limits();
+    fn limits(&self, py: Python<'_>) -> PyResult<(u32, u32, u64)> {
+        self.shared.check_open(py)?;
+        let l = self.limits;
         Ok((l.max_tensors, l.max_dims, l.max_payload_bytes))
     }
     #[getter]
     fn closed(&self) -> bool {
-        self.inner.is_none()
+        self.shared.closed()
     }
 
     /// Send a request; returns its request id.
     #[pyo3(signature = (arrays, dtypes = None, is_list = false, tag = 0, value = 0, kind = "request", timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn send(
-        &mut self,
+        &self,
         py: Python<'_>,
         arrays: Vec<Bound<'_, PyAny>>,
         dtypes: Option<Vec<Option<String>>>,
@@ -926,28 +1167,34 @@ impl PyClient {
         let t = timeout_arg(timeout, "timeout")?;
         let out = Outgoing::collect(&arrays, dtypes)?;
         let meta = header(kind, is_list, tag, value);
-        let inner = self.inner()?;
-        detached(py, |check| inner.send(meta, &out.refs(), t, check))
+        let mut held = self.shared.hold(py, "send", true)?;
+        let inner = held.get()?;
+        self.shared
+            .detached(py, "send", |check| inner.send(meta, &out.refs(), t, check))
     }
 
-    fn is_ready(&mut self, py: Python<'_>) -> PyResult<bool> {
-        let inner = self.inner()?;
+    fn is_ready(&self, py: Python<'_>) -> PyResult<bool> {
+        let mut held = self.shared.hold(py, "is_ready", false)?;
+        let inner = held.get()?;
         py.detach(|| inner.is_ready()).map_err(|e| to_pyerr(py, e))
     }
 
     /// Receive the response to the oldest outstanding request.
     #[pyo3(signature = (timeout = None))]
-    fn recv(&mut self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyMessage> {
+    fn recv(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyMessage> {
         let t = timeout_arg(timeout, "timeout")?;
-        let inner = self.inner()?;
-        detached(py, |check| inner.recv(t, check)).map(PyMessage::new)
+        let mut held = self.shared.hold(py, "recv", true)?;
+        let inner = held.get()?;
+        self.shared
+            .detached(py, "recv", |check| inner.recv(t, check))
+            .map(PyMessage::new)
     }
 
     /// Send a request and wait for its response (the timeout covers both).
     #[pyo3(signature = (arrays, dtypes = None, is_list = false, tag = 0, value = 0, kind = "request", timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn request(
-        &mut self,
+        &self,
         py: Python<'_>,
         arrays: Vec<Bound<'_, PyAny>>,
         dtypes: Option<Vec<Option<String>>>,
@@ -961,38 +1208,42 @@ impl PyClient {
         let t = timeout_arg(timeout, "timeout")?;
         let out = Outgoing::collect(&arrays, dtypes)?;
         let meta = header(kind, is_list, tag, value);
-        let inner = self.inner()?;
-        detached(py, |check| {
-            let deadline = crate::transport::Deadline::after(t);
-            let id = inner.send(meta, &out.refs(), deadline.remaining(), check)?;
-            inner.recv_for(id, deadline.remaining(), check)
-        })
-        .map(PyMessage::new)
+        let mut held = self.shared.hold(py, "request", true)?;
+        let inner = held.get()?;
+        self.shared
+            .detached(py, "request", |check| {
+                let deadline = crate::transport::Deadline::after(t);
+                let id = inner.send(meta, &out.refs(), deadline.remaining(), check)?;
+                inner.recv_for(id, deadline.remaining(), check)
+            })
+            .map(PyMessage::new)
     }
 
     /// Whether the server is still there, as far as can be told without blocking (False
     /// once closed). A client whose server is gone must be replaced by a new connection.
-    fn server_alive(&mut self, py: Python<'_>) -> bool {
-        match self.inner.as_mut() {
+    fn server_alive(&self, py: Python<'_>) -> PyResult<bool> {
+        if self.shared.closed() {
+            return Ok(false);
+        }
+        let mut held = self.shared.hold(py, "server_alive", false)?;
+        Ok(match held.core.as_mut() {
             Some(c) => py.detach(|| c.server_alive()),
             None => false,
-        }
+        })
     }
 
-    /// Release the slot and the connection. Idempotent.
-    fn close(&mut self) {
-        if let Some(mut c) = self.inner.take() {
-            c.close();
-        }
+    /// Release the slot and the connection. Idempotent; callable from any thread.
+    fn close(&self, py: Python<'_>) {
+        self.shared.close(py);
     }
 
     fn __repr__(&self) -> String {
         format!(
             "ClientEndpoint(kind={:?}, path={:?}, slot_id={}, closed={})",
             self.kind,
-            self.path,
+            self.shared.path,
             self.slot,
-            self.inner.is_none()
+            self.shared.closed()
         )
     }
 }

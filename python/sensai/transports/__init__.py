@@ -3,6 +3,11 @@
 ``create_transport(kind, ...)`` makes a server endpoint; ``connect(address)`` makes a
 client endpoint from an address such as ``shm:///dev/shm/sensai``,
 ``unix:///tmp/sensai.sock`` or ``pipe:///tmp/sensai-pipes``.
+
+Threads: an endpoint serves one call at a time. While one thread blocks in it (a server's
+``wait_any``, a client's ``read_tensor``/``request``), another thread or a signal handler may
+read its properties and ``close()`` it, which ends the blocked call with ``ClosedError``; any
+other method raises ``BusyError`` (see ``sensai._core.ServerEndpoint``).
 """
 
 from __future__ import annotations
