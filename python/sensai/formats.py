@@ -206,7 +206,7 @@ class TeacherOutput:
 
     def to(self, device: torch.device | str) -> TeacherOutput:
         """A copy with every tensor on ``device``."""
-        kw = {}
+        kw: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
@@ -215,7 +215,7 @@ class TeacherOutput:
 
     def pin_memory(self) -> TeacherOutput:
         """A copy in page-locked memory (what a DataLoader with ``pin_memory=True`` calls)."""
-        kw = {}
+        kw: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
@@ -275,6 +275,7 @@ class TeacherOutput:
             raise ValueError(
                 f"to_sparse_coo needs the 'sampled' or 'coo' format, not {self.format!r}"
             )
+        assert idx is not None and vals is not None  # every tensor of its format is set
         return torch.sparse_coo_tensor(idx, vals, size=(b, n, s, v), check_invariants=True)
 
 

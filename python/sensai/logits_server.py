@@ -503,7 +503,7 @@ class TeacherLogitsServer:
                 p,
                 self.vocab_size,
                 self.position_mask(ids, mask),
-                num_samples=int(self.num_samples) if sampled else 1,
+                num_samples=int(self.num_samples or 1) if sampled else 1,  # >= 1: checked
                 temperature=self.temperature,
                 top_k=self.top_k,
                 top_p=self.top_p,

@@ -290,14 +290,12 @@ def topk_kd_loss(
     b, s = teacher.batch_size, teacher.num_positions
     student = _align(student_logits, b, s, teacher.vocab_size)
     m = _position_mask(teacher.mask, mask, b, s)
-    k = int(teacher.indices.shape[-1])  # type: ignore[union-attr]
-    target_lp = torch.log_softmax(teacher.logprobs.float() / temperature, dim=-1)  # type: ignore[union-attr]
+    assert teacher.indices is not None and teacher.logprobs is not None  # the topk format's
+    k = int(teacher.indices.shape[-1])
+    target_lp = torch.log_softmax(teacher.logprobs.float() / temperature, dim=-1)
     rows = torch.arange(b * s, device=student.device).repeat_interleave(k)
     student_lp = _student_logq(
-        student,
-        rows,
-        teacher.indices.reshape(-1).long(),
-        temperature,  # type: ignore[union-attr]
+        student, rows, teacher.indices.reshape(-1).long(), temperature
     ).reshape(b, s, k)
     per_position = _kl_terms(target_lp, student_lp).sum(-1)
     return _reduce(per_position, m, reduction)

@@ -417,11 +417,11 @@ def sample_positions(
         logz_sampled = (m + torch.log(total)).squeeze(-1)
         indices = idx.gather(-1, pos)
     else:
-        e, m, logz_full, _ = _full_weights(logits, temperature, top_p, False, scratch)
+        e, m, lz_full, _ = _full_weights(logits, temperature, top_p, False, scratch)
         indices, total = _draw(e, num_samples, generator, _cum_buffer(e, scratch))
         logz_sampled = (m + torch.log(total)).squeeze(-1)
-        if logz_full is None:  # T == 1 and no mask: the same distribution
-            logz_full = logz_sampled.clone()
+        # None at T == 1 without a mask: the distribution sampled from is the teacher's
+        logz_full = logz_sampled.clone() if lz_full is None else lz_full
     values = logits.gather(-1, indices).float()
     return SampleResult(
         indices=indices, values=values, logz_sampled=logz_sampled, logz_full=logz_full

@@ -277,7 +277,7 @@ class TeacherService:
         deadline = time.monotonic() + window
         taken = 0
         while expected and not self.stopping:
-            if sum(int(r.ids.numel()) for r in valid) >= self.max_batch_tokens:  # type: ignore[union-attr]
+            if sum(int(r.ids.numel()) for r in valid if r.ids is not None) >= self.max_batch_tokens:
                 break  # a full batch already
             left = deadline - time.monotonic()
             if left <= 0:

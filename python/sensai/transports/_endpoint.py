@@ -67,7 +67,7 @@ def to_wire(tensor_or_list: Any) -> tuple[list[np.ndarray], list[str | None] | N
 
 def from_message(msg: _core.Message) -> Any:
     """The tensors of a received message: an array, or a list when a list was sent."""
-    arrays = msg.arrays()
+    arrays: list[Any] = msg.arrays()  # numpy arrays, and torch tensors for bfloat16
     if msg.has_bfloat16:
         import torch
 

@@ -30,7 +30,7 @@ class ClientMixin:
         self.write_tensor_slot(self.slot_id, tensor)  # type: ignore[attr-defined]
 
     def read_tensor(self):
-        return self.read_tensor_slot(self.slot_id)  # type: ignore[attr-defined]
+        return self.read_tensor_slot(self.slot_id)
 
     def is_ready(self) -> bool:
         return self.is_ready_slot(self.slot_id)  # type: ignore[attr-defined]
