@@ -303,10 +303,8 @@ def run_arm(
             b, s = ids.shape
             p = teacher.num_positions(s)
             generator = torch.Generator(device=teacher.device).manual_seed(cfg.seed)
-            buffers = 1 if fmt == "topk" else 2
-            scratch_positions = 0 if fmt == "full" else b * p
             with (
-                teacher._sampling_scratch(scratch_positions, cfg.chunk_size, buffers) as scratch,
+                teacher._sampling_scratch(b * p, cfg.chunk_size, fmt) as scratch,
                 _drawing_with(draw),
             ):
                 out = build_output(

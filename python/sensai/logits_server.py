@@ -382,15 +382,17 @@ class TeacherLogitsServer:
 
     @contextlib.contextmanager
     def _sampling_scratch(
-        self, positions: int, chunk_size: int | None, buffers: int = 2
+        self, positions: int, chunk_size: int | None, fmt: str = "sampled"
     ) -> Iterator[Any]:
-        """The sampler's working memory, ``buffers`` [chunk, V] float32 buffers in one tensor
-        (the weights and their cumulative sum; ``topk`` needs only one), kept between calls on
-        a CPU (where fresh pages cost about as much as the pass they serve; CUDA's caching
-        allocator already reuses memory). None on other devices, and while another thread
-        samples with this teacher."""
+        """The working memory of format ``fmt`` over ``positions`` positions, kept between
+        calls on a CPU (where fresh pages cost about as much as the pass they serve; CUDA's
+        caching allocator already reuses memory): [chunk, V] float32 buffers in one tensor, two
+        for the sampler (the weights and their cumulative sum), one for ``topk``, none for
+        ``full``. None on other devices, and while another thread samples with this teacher."""
+        buffers = {"full": 0, "topk": 1}.get(fmt, 2)
         if (
             positions <= 0
+            or buffers == 0
             or self.device.type != "cpu"
             or not self._scratch_lock.acquire(blocking=False)
         ):
@@ -493,9 +495,7 @@ class TeacherLogitsServer:
             )
         ids, mask = self.prepare_inputs(input_ids, attention_mask)
         b, p = ids.shape[0], self.num_positions(ids.shape[1])
-        # The sampler's (and topk's) working memory; the full format needs none (0: None).
-        positions = 0 if fmt == "full" else b * p
-        with self._sampling_scratch(positions, chunk_size, 1 if fmt == "topk" else 2) as scratch:
+        with self._sampling_scratch(b * p, chunk_size, fmt) as scratch:
             return build_output(
                 fmt,
                 self.iter_logit_chunks(ids, mask, chunk_size),
