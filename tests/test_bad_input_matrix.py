@@ -532,6 +532,67 @@ def test_requests_sent_before_a_half_close_are_answered(
     assert_doubling_answers(kind, path, raw.slot)  # the slot is free again
 
 
+def test_answers_still_queued_at_a_half_close_are_delivered_whole(
+    stream_kind: str, short_tmp: str
+) -> None:
+    """The server has answered every request, but the answers are still queued (the client
+    has read nothing yet) when it reads the client's end of file: the session lasts until the
+    queue is sent, and the client then reads every answer whole. (It used to end the session
+    at once because no request was unanswered, cutting the queued bytes short.)"""
+    kind = stream_kind
+    path = os.path.join(short_tmp, "ep")
+    n = 400_000  # 1.6 MB an answer: three of them are far over any socket or pipe buffer
+    server = make_server(kind, path, 1, max_nbytes=4 << 20)
+    try:
+        xs = [np.arange(n, dtype=np.float32) + 1000 * i for i in range(3)]
+        session: list[RawSession] = []
+        errors: list[BaseException] = []
+
+        def client_sends() -> None:
+            try:
+                raw = RawSession(kind, path)
+                session.append(raw)
+                frames = [encode(1, [x], request_id=i + 1, slot=raw.slot) for i, x in enumerate(xs)]
+                raw.write(b"".join(frames))
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(e)
+
+        writer = threading.Thread(target=client_sends, daemon=True)
+        writer.start()
+        got = []
+        deadline = time.monotonic() + IO_TIMEOUT
+        while len(got) < len(xs):  # this thread is the server until every request is in
+            assert time.monotonic() < deadline, "the requests did not arrive"
+            for slot in server.wait_any(timeout=IO_TIMEOUT):
+                if (x := server.read_tensor_slot(slot)) is not None:
+                    got.append(x.copy())
+                    server.write_tensor_slot(slot, 2 * x)  # queued: nobody reads yet
+        writer.join(IO_TIMEOUT)
+        assert not errors, errors
+        (raw,) = session
+        # Every request is answered, the answers are queued, and only now the client ends its
+        # side: the server reads that end of file with its answers still queued.
+        if kind == "unix_socket":
+            raw.sock.shutdown(socket.SHUT_WR)
+        else:
+            os.close(raw.req)
+        assert server.wait_any(timeout=0) == []
+        assert server.is_connected(raw.slot), "the session ended with its answers still queued"
+        data = b""
+        with ServerThread(server, answer_with(double)):
+            while chunk := raw._read(1 << 16):  # until the server ends the session
+                data += chunk
+        raw.close(req=False)
+        for x, y in zip(xs, got, strict=True):
+            np.testing.assert_array_equal(x, y)
+        frames = frames_of(data)
+        assert [(k, rid) for k, rid, _ in frames] == [(2, 1), (2, 2), (2, 3)]
+        for x, (_, _, frame) in zip(xs, frames, strict=True):
+            np.testing.assert_array_equal(float32_tensor(frame), 2 * x)
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("half_close_first", [False, True])
 def test_answer_to_a_client_gone_for_good_is_peer_gone(
     stream_kind: str, short_tmp: str, half_close_first: bool

@@ -400,13 +400,14 @@ impl FifoServer {
                 Ok(ReadStatus::WouldBlock) => return Ok(()),
                 Ok(ReadStatus::Eof) => {
                     // The client closed its end (or died): end the session, unless it still
-                    // reads the answers owed to requests it sent in full.
+                    // reads the answers owed to requests it sent in full (or the rest of
+                    // answers already queued).
                     let partial = s.reader.in_progress();
                     let reading = s
                         .resp
                         .as_ref()
                         .is_some_and(|r| !stream::peer_cannot_read(r));
-                    if s.connected && !s.unanswered.is_empty() && reading {
+                    if s.connected && stream::owes_client(&s.unanswered, &s.out) && reading {
                         s.read_closed = Some(partial);
                         return Ok(());
                     }
@@ -494,7 +495,7 @@ impl FifoServer {
     fn close_if_answered(&mut self, i: usize) -> Result<()> {
         let s = &self.slots[i];
         match s.read_closed {
-            Some(recreate) if s.unanswered.is_empty() && s.out.is_empty() => {
+            Some(recreate) if !stream::owes_client(&s.unanswered, &s.out) => {
                 self.reset_slot(i, recreate)
             }
             _ => Ok(()),

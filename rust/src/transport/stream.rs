@@ -317,6 +317,14 @@ impl OutQueue {
     }
 }
 
+/// Whether a session still owes its client something: an answer to a request it sent in
+/// full, or bytes of an answer already given that are still queued. A client that ended its
+/// sending side keeps its session while this holds and it can still read; ending it earlier
+/// would cut a queued answer short.
+pub(crate) fn owes_client(unanswered: &VecDeque<u64>, out: &OutQueue) -> bool {
+    !unanswered.is_empty() || !out.is_empty()
+}
+
 /// Whether the peer of a stream can no longer read what we write: poll reports a hang-up or
 /// an error on a socket the client closed (a client that only shut down its sending side
 /// reports neither), and an error on a FIFO's write end once nobody has it open for reading.

@@ -59,10 +59,12 @@ struct Conn {
 
 impl Conn {
     /// The client sent its last byte (end of file). Requests it sent in full are still owed
-    /// their answers while it can read them; otherwise the session ends now. A partly
-    /// received frame is dropped.
+    /// their answers, and queued answers their last bytes, while it can read them; otherwise
+    /// the session ends now. A partly received frame is dropped.
     fn end_of_requests(&mut self) {
-        if self.unanswered.is_empty() || stream::peer_cannot_read(&self.stream) {
+        if !stream::owes_client(&self.unanswered, &self.out)
+            || stream::peer_cannot_read(&self.stream)
+        {
             self.dead = true;
         } else {
             self.read_closed = true;
@@ -71,7 +73,7 @@ impl Conn {
 
     /// End the session of a half-closed client once its last answer is sent.
     fn close_if_answered(&mut self) {
-        if self.read_closed && self.unanswered.is_empty() && self.out.is_empty() {
+        if self.read_closed && !stream::owes_client(&self.unanswered, &self.out) {
             self.dead = true;
         }
     }
