@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ClosedError, ProtocolError
+from .errors import CapacityError, ClosedError, ProtocolError
 from .transports import connect, parse_address
 
 if TYPE_CHECKING:  # formats imports torch; a transport-only user never needs it
@@ -88,9 +88,10 @@ class Client:
 
     The connection opens on first use. A client is picklable (the copy connects on its own
     first use) and fork-aware: used in a process other than the one that connected (e.g. a
-    forked DataLoader worker), it opens its own connection and slot. The inherited
-    connection is left untouched and never closed from the child, since closing it there
-    would release the parent's slot.
+    forked DataLoader worker), it opens its own connection and slot (the ``slot_id`` given, or
+    any free slot while the parent holds that one). The inherited connection is left
+    untouched and never closed from the child, since closing it there would release the
+    parent's slot.
 
     A client outlives its server: a request that finds the server gone (exited, or
     restarted on the same path) opens a new connection first, so a restarted server is
@@ -112,6 +113,9 @@ class Client:
         self.connect_timeout = connect_timeout
         self._endpoint: Any = None
         self._pid: int | None = None
+        # The process this client was made in: a fixed slot_id is that process's; a forked
+        # or unpickled copy leases any free slot when that one is held.
+        self._home_pid: int | None = os.getpid()
         self._info: dict[str, Any] | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -139,7 +143,12 @@ class Client:
                 ep = self._endpoint = None
                 self._info = None
             if ep is None:
-                ep = connect(self.address, self._slot_id, connect_timeout=self.connect_timeout)
+                try:
+                    ep = connect(self.address, self._slot_id, connect_timeout=self.connect_timeout)
+                except CapacityError:
+                    if self._slot_id is None or self._home_pid == pid:
+                        raise
+                    ep = connect(self.address, None, connect_timeout=self.connect_timeout)
                 self._endpoint, self._pid = ep, pid
         return ep
 
@@ -174,6 +183,7 @@ class Client:
         state = self.__dict__.copy()
         state["_endpoint"] = None
         state["_pid"] = None
+        state["_home_pid"] = None
         state["_lock"] = None
         return state
 
@@ -290,10 +300,38 @@ class Client:
 
 
 class SensAIClient:
-    """Send tensors through a client endpoint and wait for the answer."""
+    """Send tensors through a client endpoint and wait for the answer.
+
+    Fork-aware over SensAI's own endpoints: used in a process other than the one that
+    opened ``transport`` (a forked DataLoader worker), it first opens its own endpoint to
+    the same server, on the same slot if it is free, else on any free one, and uses that
+    from then on (``self.transport``). The inherited endpoint is left untouched for the
+    parent. A transport of the user's own is used as it is.
+    """
 
     def __init__(self, transport: Any) -> None:
         self.transport = transport
+        self._pid = os.getpid()
+
+    def _transport(self) -> Any:
+        """This process's transport, opening one first in a forked child."""
+        pid = os.getpid()
+        if pid != self._pid:
+            reopen = getattr(self.transport, "reopen", None)
+            if reopen is not None:
+                inherited = self.transport
+                self.transport = reopen()
+                _INHERITED.append(inherited)  # the parent's: never closed from here
+                log.info(
+                    "process %d: opened its own endpoint to %s on slot %s (it was forked "
+                    "from process %d, whose endpoint it must not use)",
+                    pid,
+                    self.transport.path,
+                    self.transport.slot_id,
+                    self._pid,
+                )
+            self._pid = pid
+        return self.transport
 
     def send_tensor(
         self, tensor: Any, interval: float = 0.001, timeout: float | None = None
@@ -303,10 +341,11 @@ class SensAIClient:
         Built-in transports block efficiently (``interval`` is ignored); a user transport
         without ``request`` is polled every ``interval`` seconds as in the seed.
         """
-        request = getattr(self.transport, "request", None)
+        transport = self._transport()
+        request = getattr(transport, "request", None)
         if request is not None:
             return request(tensor, timeout=timeout)
-        self.transport.write_tensor(tensor)
-        while not self.transport.is_ready():
+        transport.write_tensor(tensor)
+        while not transport.is_ready():
             time.sleep(interval)
-        return self.transport.read_tensor()
+        return transport.read_tensor()

@@ -13,6 +13,7 @@ __all__ = [
     "AddressInUseError",
     "ClosedError",
     "BusyError",
+    "ForkError",
     "ModelNotFoundError",
 ]
 
@@ -70,6 +71,15 @@ class BusyError(SensAIError, RuntimeError):
     wait for a short call of another thread to end, and ``close()`` and the properties work
     from any thread (``close()`` ends the blocking call with ``ClosedError``). The message
     names the method called and the call that holds the endpoint."""
+
+
+class ForkError(SensAIError, RuntimeError):
+    """An endpoint was used in a process other than the one that opened it: a forked child
+    (a DataLoader worker, a ``multiprocessing`` fork) shares its parent's connection and
+    slot, so their answers would be swapped. Open a new endpoint in the child after the
+    fork; `sensai.Client` and the seed's ``SensAIClient`` do so by themselves. Closing or
+    dropping the inherited copy in the child is safe: it gives back nothing of the
+    parent's."""
 
 
 class ModelNotFoundError(SensAIError, FileNotFoundError):

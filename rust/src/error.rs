@@ -119,6 +119,14 @@ pub enum Error {
     /// The endpoint was already closed.
     #[error("endpoint is closed")]
     Closed,
+    /// An endpoint was used by a process other than the one that opened it (a forked child).
+    #[error(
+        "{what} was opened by process {owner} and cannot be used in process {here}: a process \
+         forked from the one that opened an endpoint shares its connection and slot, so their \
+         answers would be swapped. Open a new endpoint in this process after the fork \
+         (sensai.Client and SensAIClient do so by themselves)"
+    )]
+    Forked { what: String, owner: u32, here: u32 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

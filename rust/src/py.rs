@@ -28,6 +28,7 @@ use pyo3::types::PyList;
 
 use crate::error::Error;
 use crate::frame::{self, DType, Kind, Limits, Meta, TensorRef, TensorSpec, FLAG_LIST};
+use crate::transport::access::Owner;
 use crate::transport::fifo::{FifoClient, FifoServer};
 use crate::transport::shm::{Reservation, ShmClient, ShmServer};
 use crate::transport::uds::{UdsClient, UdsServer};
@@ -44,6 +45,7 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
         Error::Role(_) => "RoleError",
         Error::AddressInUse(_) => "AddressInUseError",
         Error::Closed => "ClosedError",
+        Error::Forked { .. } => "ForkError",
         Error::Remote { .. } => "RemoteError",
         Error::InvalidArgument(_) => return PyValueError::new_err(msg),
         Error::Interrupted => return pyo3::exceptions::PyKeyboardInterrupt::new_err(msg),
@@ -505,6 +507,8 @@ struct Shared<T: Close> {
     closing: AtomicBool,
     class: &'static str,
     path: String,
+    /// The process that opened the endpoint; any other (a forked child) gets `ForkError`.
+    owner: Owner,
 }
 
 /// One call's hold on a [`Shared`] endpoint; released (and the endpoint closed, if `close()`
@@ -546,6 +550,7 @@ impl<T: Close + Send> Shared<T> {
             closing: AtomicBool::new(false),
             class,
             path,
+            owner: Owner::here(),
         }
     }
 
@@ -584,6 +589,11 @@ impl<T: Close + Send> Shared<T> {
     /// (`BusyError`) while another thread is in a blocking call or while this thread is (a
     /// signal handler running inside that call).
     fn hold(&self, py: Python<'_>, method: &'static str, blocking: bool) -> PyResult<Held<'_, T>> {
+        // Before waiting for a holder: in a forked child, a thread that held the endpoint at
+        // the fork never lets go.
+        self.owner
+            .check(|| format!("{}.{method} on {}", self.class, self.path))
+            .map_err(|e| to_pyerr(py, e))?;
         let me = std::thread::current().id();
         let waited: Result<(), Holder> = py.detach(|| {
             let mut h = self.wait_for_holder(|other| other.thread == me || other.blocking)?;
@@ -628,6 +638,15 @@ impl<T: Close + Send> Shared<T> {
         // Release: a holder that sees the flag (in its interrupt check or when it lets go)
         // closes the endpoint itself.
         self.closing.store(true, Ordering::Release);
+        if !self.owner.is_here() {
+            // A forked child's copy: drop it without waiting (a thread that held it at the
+            // fork does not exist here; if it held the lock, the copy stays until exit).
+            // Dropping lets go of the descriptors and mappings only (see transport::access).
+            if let Ok(mut core) = self.core.try_lock() {
+                drop(core.take());
+            }
+            return;
+        }
         let me = std::thread::current().id();
         let core = py.detach(|| {
             // This thread's own call (a signal handler runs inside it) closes it when it returns.

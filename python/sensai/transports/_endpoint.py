@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..errors import RemoteError, RoleError, SensAIError
+from ..errors import CapacityError, RemoteError, RoleError, SensAIError
 from .transport_abc import ClientMixin, Transport
 
 __all__ = ["ServerEndpointBase", "ClientEndpointBase", "to_wire", "from_message"]
@@ -205,12 +205,23 @@ class ClientEndpointBase(ClientMixin, Transport):
         self._core = getattr(_core.ClientEndpoint, self._factory)(
             str(path), slot_id, connect_timeout
         )
+        self._connect_timeout = connect_timeout
         self.slot_id = self._core.slot_id
         self._outstanding = 0
         self._debug(f"connected to {path} on slot {self.slot_id}")
 
     def supports_multi_tensor(self) -> bool:
         return True
+
+    def reopen(self) -> ClientEndpointBase:
+        """A new endpoint to the same server, opened by this process: on this endpoint's slot
+        if it is free, else on any free one. For a forked child, whose inherited endpoint
+        (the parent's connection and slot) raises `ForkError`."""
+        cls = type(self)
+        try:
+            return cls(self.path, self.slot_id, self.debug, connect_timeout=self._connect_timeout)
+        except CapacityError:  # held (by the parent, usually): lease any free slot
+            return cls(self.path, None, self.debug, connect_timeout=self._connect_timeout)
 
     def _check_slot(self, slot_id: int) -> None:
         if slot_id != self.slot_id:

@@ -29,6 +29,7 @@ use rustix::fs::{Mode, OFlags, CWD};
 
 use crate::error::{Error, IoContext, Result};
 use crate::frame::{self, control, error_code, DType, Kind, Limits, Meta, TensorRef};
+use crate::transport::access::Owner;
 use crate::transport::lock::{pid_alive, read_pid, LockFile};
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::wait_fds;
@@ -160,6 +161,7 @@ pub struct FifoServer {
     lock: Option<LockFile>,
     created_dir: bool,
     closed: bool,
+    owner: Owner,
 }
 
 impl FifoServer {
@@ -223,6 +225,7 @@ impl FifoServer {
             lock: Some(lock),
             created_dir,
             closed: false,
+            owner: Owner::here(),
         };
         match srv.setup(num_slots) {
             Ok(()) => Ok(srv),
@@ -270,6 +273,10 @@ impl FifoServer {
             read_closed: None,
             generation: 0,
         })
+    }
+
+    fn what_server(&self) -> String {
+        format!("the server at {}", self.dir.display())
     }
 
     fn remove_slot_files(&self, upto: usize) {
@@ -527,6 +534,7 @@ impl ServerEndpoint for FifoServer {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<Vec<usize>> {
+        self.owner.check(|| self.what_server())?;
         let what = format!("waiting for requests on {}", self.dir.display());
         stream::wait_any(timeout, interrupt, &what, |wait| {
             self.pump(wait)?;
@@ -535,6 +543,7 @@ impl ServerEndpoint for FifoServer {
     }
 
     fn is_ready_slot(&mut self, slot: usize) -> Result<bool> {
+        self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
         if self.slots[slot].pending.is_empty() {
             self.pump(Duration::ZERO)?;
@@ -543,6 +552,7 @@ impl ServerEndpoint for FifoServer {
     }
 
     fn recv(&mut self, slot: usize) -> Result<Option<Message>> {
+        self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
         if self.slots[slot].pending.is_empty() {
             self.pump(Duration::ZERO)?;
@@ -551,6 +561,7 @@ impl ServerEndpoint for FifoServer {
     }
 
     fn send(&mut self, slot: usize, mut meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
+        self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
         let limits = self.limits;
         let dir = self.dir.display().to_string();
@@ -591,6 +602,7 @@ impl ServerEndpoint for FifoServer {
     }
 
     fn send_error(&mut self, slot: usize, code: u32, message: &str) -> Result<()> {
+        self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
         let dir = self.dir.display().to_string();
         let s = &mut self.slots[slot];
@@ -620,6 +632,12 @@ impl ServerEndpoint for FifoServer {
             return;
         }
         self.closed = true;
+        if !self.owner.is_here() {
+            // A forked child's copy: the directory, FIFOs and lock files are the parent's.
+            self.slots.clear();
+            self.lock = None;
+            return;
+        }
         // Slot n is the one a failed start may have left half-made (some of its files).
         let n = self.slots.len();
         self.slots.clear();
@@ -655,6 +673,7 @@ pub struct FifoClient {
     next_id: u64,
     outstanding: VecDeque<u64>,
     server_pid: u32,
+    owner: Owner,
 }
 
 impl FifoClient {
@@ -773,6 +792,7 @@ impl FifoClient {
             next_id: 1,
             outstanding: VecDeque::new(),
             server_pid,
+            owner: Owner::here(),
         };
         // Never 0: a refusal with request id 0 is not an answer to our HELLO.
         let nonce = crate::transport::rand_u64().max(1);
@@ -886,6 +906,8 @@ impl ClientEndpoint for FifoClient {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<u64> {
+        self.owner
+            .check(|| format!("the client on {}", self.what()))?;
         check_client_kind(&meta)?;
         let what = self.what();
         let pid = self.server_pid;
@@ -920,6 +942,8 @@ impl ClientEndpoint for FifoClient {
     }
 
     fn is_ready(&mut self) -> Result<bool> {
+        self.owner
+            .check(|| format!("the client on {}", self.what()))?;
         let resp = self.resp.as_ref().ok_or(Error::Closed)?;
         let mut fds = [PollFd::new(resp, PollFlags::IN)];
         poll_fds(&mut fds, Duration::ZERO)?;
@@ -927,6 +951,8 @@ impl ClientEndpoint for FifoClient {
     }
 
     fn recv_raw(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
+        self.owner
+            .check(|| format!("the client on {}", self.what()))?;
         let what = self.what();
         let pid = self.server_pid;
         let resp = self.resp.as_mut().ok_or(Error::Closed)?;

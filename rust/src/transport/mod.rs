@@ -19,6 +19,7 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use crate::error::{Error, Result};
 use crate::frame::{self, AlignedBuf, Decoded, Kind, Limits, Meta, TensorRef};
 
+pub(crate) mod access;
 pub mod fifo;
 pub(crate) mod lock;
 pub mod shm;

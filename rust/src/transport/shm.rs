@@ -96,6 +96,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use crate::error::{Error, IoContext, Result};
 use crate::frame::{self, error_code, Kind, Limits, Meta, TensorRef, TensorSpec};
 use crate::sync::{futex_wait, futex_wake_all, Event, Wake};
+use crate::transport::access::Owner;
 use crate::transport::lock::{pid_alive, LockFile};
 use crate::transport::{
     check_client_kind, check_private, check_slot, rand_u64, request_context, slot_out_of_range,
@@ -250,6 +251,9 @@ impl Geometry {
 struct Region {
     map: MmapRaw,
     geo: Geometry,
+    /// The process that mapped the file. A forked child inherits the mapping but none of its
+    /// leases or held buffers: it never gives one back (see [`Region::release`]).
+    owner: Owner,
 }
 
 impl Region {
@@ -388,8 +392,12 @@ impl Region {
         }
     }
 
-    /// Give buffer `buf` back to the producer.
+    /// Give buffer `buf` back to the producer. A no-op in a forked child, whose copy of a
+    /// message or reservation must not free the buffer its parent still reads or fills.
     fn release(&self, slot: usize, response: bool, buf: u32) {
+        if !self.owner.is_here() {
+            return;
+        }
         // Release: our reads of the buffer before the producer's acquire in `take_free`.
         self.state(slot, response, buf)
             .store(FREE, Ordering::Release);
@@ -604,6 +612,7 @@ pub struct ShmServer {
     last_liveness: Instant,
     /// This process's pid, marking the request buffers its messages hold.
     pid: u32,
+    owner: Owner,
 }
 
 fn check_parent(path: &Path) -> Result<PathBuf> {
@@ -654,6 +663,10 @@ fn free_space(dir: &Path) -> Option<u64> {
 }
 
 impl ShmServer {
+    fn what_server(&self) -> String {
+        format!("the server at {}", self.path.display())
+    }
+
     /// Create the shared-memory file at `path` (a bare name goes under `/dev/shm`) with
     /// `num_slots` slots and `ring_depth` buffers per ring and direction.
     pub fn create(
@@ -707,6 +720,7 @@ impl ShmServer {
             slots,
             last_liveness: Instant::now(),
             pid: std::process::id(),
+            owner: Owner::here(),
         })
     }
 
@@ -769,7 +783,11 @@ impl ShmServer {
                 .len(geo.file_len as usize)
                 .map_raw(&file)
                 .map_err(|e| Error::io(at_tmp("cannot map shared-memory file"), e))?;
-            let region = Region { map, geo };
+            let region = Region {
+                map,
+                geo,
+                owner: Owner::here(),
+            };
             let w32 = |o: usize, v: u32| region.u32_at(o).store(v, Ordering::Relaxed);
             let w64 = |o: usize, v: u64| region.u64_at(o).store(v, Ordering::Relaxed);
             w64(off::MAGIC, u64::from_ne_bytes(SHM_MAGIC));
@@ -987,6 +1005,7 @@ impl ShmServer {
         mut meta: Meta,
         specs: &[TensorSpec<'_>],
     ) -> Result<Reservation> {
+        self.owner.check(|| self.what_server())?;
         let region = self.region()?;
         check_slot(slot, self.num_slots, &self.path)?;
         let lay = frame::layout(specs, &self.limits).map_err(|e| match e {
@@ -1024,6 +1043,7 @@ impl ShmServer {
 
     /// Publish a filled reservation: the client can now receive it.
     pub fn publish(&mut self, mut r: Reservation) -> Result<()> {
+        self.owner.check(|| self.what_server())?;
         let region = self.region()?;
         let st = &mut self.slots[r.slot];
         let current = matches!(&st.reservation, Some(o) if Arc::ptr_eq(o, &r.open));
@@ -1066,6 +1086,7 @@ impl ServerEndpoint for ShmServer {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<Vec<usize>> {
+        self.owner.check(|| self.what_server())?;
         let region = self.region()?;
         let deadline = Deadline::after(timeout);
         let bell = region.doorbell();
@@ -1100,6 +1121,7 @@ impl ServerEndpoint for ShmServer {
     }
 
     fn is_ready_slot(&mut self, slot: usize) -> Result<bool> {
+        self.owner.check(|| self.what_server())?;
         let region = self.region()?;
         check_slot(slot, self.num_slots, &self.path)?;
         self.sync_slots(&region, false);
@@ -1107,6 +1129,7 @@ impl ServerEndpoint for ShmServer {
     }
 
     fn recv(&mut self, slot: usize) -> Result<Option<Message>> {
+        self.owner.check(|| self.what_server())?;
         let region = self.region()?;
         check_slot(slot, self.num_slots, &self.path)?;
         self.sync_slots(&region, false);
@@ -1161,6 +1184,7 @@ impl ServerEndpoint for ShmServer {
     }
 
     fn send(&mut self, slot: usize, meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
+        self.owner.check(|| self.what_server())?;
         let specs: Vec<TensorSpec<'_>> = tensors
             .iter()
             .map(|t| TensorSpec {
@@ -1186,6 +1210,7 @@ impl ServerEndpoint for ShmServer {
     }
 
     fn send_error(&mut self, slot: usize, code: u32, message: &str) -> Result<()> {
+        self.owner.check(|| self.what_server())?;
         let rid = match self.slots.get(slot) {
             Some(st) => st.unanswered.front().copied().unwrap_or(0),
             None => 0,
@@ -1205,6 +1230,13 @@ impl ServerEndpoint for ShmServer {
     }
 
     fn close(&mut self) {
+        if !self.owner.is_here() {
+            // A forked child's copy: the file, its clients and the lock are the parent's.
+            self.region = None;
+            self.slots.clear();
+            self.lock = None;
+            return;
+        }
         if let Some(region) = self.region.take() {
             // Tell waiting clients: they see CLOSED and end with PeerGone.
             region.ready().store(CLOSED, Ordering::Release);
@@ -1286,6 +1318,7 @@ fn inspect(path: &Path, file: &File) -> Result<Inspect> {
             slot_stride: 0,
             file_len: len,
         },
+        owner: Owner::here(),
     };
     let r32 = |o: usize| probe.u32_at(o).load(Ordering::Relaxed);
     let r64 = |o: usize| probe.u64_at(o).load(Ordering::Relaxed);
@@ -1364,6 +1397,7 @@ fn inspect(path: &Path, file: &File) -> Result<Inspect> {
     Ok(Inspect::Ready(Region {
         map: probe.map,
         geo,
+        owner: probe.owner,
     }))
 }
 
@@ -1388,6 +1422,7 @@ pub struct ShmClient {
     /// Requests with ids up to this one were given up on (see `recv_for`): their answers
     /// are discarded when they arrive.
     abandoned_upto: u64,
+    owner: Owner,
 }
 
 /// Wait for `ready()` on `event`, spinning briefly, then sleeping in slices; checks the
@@ -1607,6 +1642,7 @@ impl ShmClient {
             next_id: 1,
             outstanding: VecDeque::new(),
             abandoned_upto: 0,
+            owner: Owner::here(),
         })
     }
 
@@ -1759,6 +1795,8 @@ impl ClientEndpoint for ShmClient {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<u64> {
+        self.owner
+            .check(|| format!("the client on {}", self.what()))?;
         check_client_kind(&meta)?;
         let region = self.region_ref()?;
         if region.ready().load(Ordering::Acquire) != READY {
@@ -1840,11 +1878,15 @@ impl ClientEndpoint for ShmClient {
     }
 
     fn is_ready(&mut self) -> Result<bool> {
+        self.owner
+            .check(|| format!("the client on {}", self.what()))?;
         let region = self.region_ref()?;
         Ok(self.available(&region)? > 0)
     }
 
     fn recv_raw(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
+        self.owner
+            .check(|| format!("the client on {}", self.what()))?;
         let region = self.region_ref()?;
         let what = self.what();
         let deadline = Deadline::after(timeout);
@@ -1901,6 +1943,11 @@ impl ClientEndpoint for ShmClient {
 
     fn close(&mut self) {
         self.outstanding.clear();
+        if !self.owner.is_here() {
+            // A forked child's copy: the lease is the parent's, which still uses the slot.
+            self.region = None;
+            return;
+        }
         if let Some(region) = self.region.take() {
             // Give the slot back at once; buffers our live messages hold stay marked held
             // (by pid) until they are dropped. Unless a new client already reclaimed it.

@@ -21,6 +21,7 @@ use rustix::event::{PollFd, PollFlags};
 
 use crate::error::{Error, IoContext, Result};
 use crate::frame::{self, control, error_code, DType, Kind, Limits, Meta, TensorRef};
+use crate::transport::access::Owner;
 use crate::transport::lock::LockFile;
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::{
@@ -91,6 +92,7 @@ pub struct UdsServer {
     slots: Vec<Option<usize>>,
     uid: u32,
     refused_peers: u64,
+    owner: Owner,
 }
 
 fn check_parent(path: &Path) -> Result<&Path> {
@@ -152,6 +154,7 @@ impl UdsServer {
             slots: vec![None; num_slots],
             uid: rustix::process::geteuid().as_raw(),
             refused_peers: 0,
+            owner: Owner::here(),
         })
     }
 
@@ -193,6 +196,10 @@ impl UdsServer {
         let _ = std::fs::remove_file(&tmp_sock);
         let _ = std::fs::remove_dir(&tmpdir);
         result
+    }
+
+    fn what_server(&self) -> String {
+        format!("the server at {}", self.path.display())
     }
 
     /// Connections refused because the peer ran as another user.
@@ -531,6 +538,7 @@ impl ServerEndpoint for UdsServer {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<Vec<usize>> {
+        self.owner.check(|| self.what_server())?;
         let what = format!("waiting for requests on {}", self.path.display());
         stream::wait_any(timeout, interrupt, &what, |wait| {
             self.pump(wait)?;
@@ -539,6 +547,7 @@ impl ServerEndpoint for UdsServer {
     }
 
     fn is_ready_slot(&mut self, slot: usize) -> Result<bool> {
+        self.owner.check(|| self.what_server())?;
         if matches!(self.conn_of(slot)?, Some(c) if !c.pending.is_empty()) {
             return Ok(true);
         }
@@ -547,6 +556,7 @@ impl ServerEndpoint for UdsServer {
     }
 
     fn recv(&mut self, slot: usize) -> Result<Option<Message>> {
+        self.owner.check(|| self.what_server())?;
         check_slot(slot, self.num_slots, &self.path)?;
         if !matches!(self.conn_of(slot)?, Some(c) if !c.pending.is_empty()) {
             self.pump(Duration::ZERO)?;
@@ -555,6 +565,7 @@ impl ServerEndpoint for UdsServer {
     }
 
     fn send(&mut self, slot: usize, mut meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
+        self.owner.check(|| self.what_server())?;
         let limits = self.limits;
         let path = self.path.clone();
         let conn = self.conn_of(slot)?.ok_or_else(|| {
@@ -603,6 +614,7 @@ impl ServerEndpoint for UdsServer {
     }
 
     fn send_error(&mut self, slot: usize, code: u32, message: &str) -> Result<()> {
+        self.owner.check(|| self.what_server())?;
         let path = self.path.clone();
         let conn = self.conn_of(slot)?.ok_or_else(|| {
             Error::PeerGone(format!(
@@ -630,6 +642,12 @@ impl ServerEndpoint for UdsServer {
         for s in self.slots.iter_mut() {
             *s = None;
         }
+        if !self.owner.is_here() {
+            // A forked child's copy: the socket and lock file are the parent's.
+            self.listener = None;
+            self.lock = None;
+            return;
+        }
         if self.listener.take().is_some() {
             // Remove the socket only if it is still ours (not replaced by another server).
             let _ = std::fs::remove_file(&self.path);
@@ -655,6 +673,7 @@ pub struct UdsClient {
     limits: Limits,
     next_id: u64,
     outstanding: VecDeque<u64>,
+    owner: Owner,
 }
 
 impl UdsClient {
@@ -709,6 +728,7 @@ impl UdsClient {
             limits: HANDSHAKE_LIMITS,
             next_id: 1,
             outstanding: VecDeque::new(),
+            owner: Owner::here(),
         };
         let meta = Meta {
             kind: Kind::Control,
@@ -774,6 +794,8 @@ impl ClientEndpoint for UdsClient {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<u64> {
+        self.owner
+            .check(|| format!("the client on {}", self.what()))?;
         check_client_kind(&meta)?;
         let what = self.what();
         let stream = self.stream.as_mut().ok_or(Error::Closed)?;
@@ -798,6 +820,8 @@ impl ClientEndpoint for UdsClient {
     }
 
     fn is_ready(&mut self) -> Result<bool> {
+        self.owner
+            .check(|| format!("the client on {}", self.what()))?;
         let stream = self.stream.as_ref().ok_or(Error::Closed)?;
         let mut fds = [PollFd::new(stream, PollFlags::IN)];
         poll_fds(&mut fds, Duration::ZERO)?;
@@ -805,6 +829,8 @@ impl ClientEndpoint for UdsClient {
     }
 
     fn recv_raw(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
+        self.owner
+            .check(|| format!("the client on {}", self.what()))?;
         let what = self.what();
         let stream = self.stream.as_mut().ok_or(Error::Closed)?;
         let deadline = Deadline::after(timeout);
