@@ -455,7 +455,8 @@ STREAM_KINDS = ["unix_socket", "named_pipe"]
 
 def _doubling_server(kind: str, short_tmp: str) -> Iterator[tuple[str, str]]:
     path = os.path.join(short_tmp, "ep")
-    server = make_server(kind, path, 2, max_nbytes=1 << 20)
+    # Explicit limits: the rows name them ("over the limit of 8"), whatever the defaults are.
+    server = make_server(kind, path, 2, max_nbytes=1 << 20, max_tensors=8, max_dims=8)
     with ServerThread(server, answer_with(double)):
         yield kind, path
     server.close()

@@ -384,7 +384,10 @@ def test_wrapper_warns_and_continues_when_server_is_gone(kind: str, short_tmp: s
     t.stop()
     with pytest.warns(RuntimeWarning) as rec:
         batch = collate(_items())
-    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 2
+    # 1 + num_retries attempts warn, then the wrapper says it goes on without the teacher
+    texts = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+    assert len(texts) == 1 + 2 + 1, texts
+    assert texts[-1].startswith("Failed to obtain teacher logits after 2 retries."), texts
     assert set(batch) == {"input_ids", "attention_mask"}
     c.close()
 

@@ -40,6 +40,7 @@ from .utils import wrap_collate_function
 
 if TYPE_CHECKING:
     from .formats import TeacherOutput
+    from .logits_server import TeacherLogitsServer
 
 __version__ = _core.__version__
 PROTOCOL_VERSION = _core.PROTOCOL_VERSION
@@ -49,6 +50,7 @@ __all__ = [
     "SensAIClient",
     "Client",
     "TeacherOutput",
+    "TeacherLogitsServer",
     "wrap_collate_function",
     "Transport",
     "NamedPipeServer",
@@ -75,9 +77,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """``sensai.TeacherOutput`` imports `sensai.formats` (and torch) on first access."""
+    """``sensai.TeacherOutput`` and ``sensai.TeacherLogitsServer`` import their modules (and
+    torch) on first access, so that ``import sensai`` stays light."""
     if name == "TeacherOutput":
         from .formats import TeacherOutput
 
         return TeacherOutput
+    if name == "TeacherLogitsServer":
+        from .logits_server import TeacherLogitsServer
+
+        return TeacherLogitsServer
     raise AttributeError(f"module 'sensai' has no attribute {name!r}")

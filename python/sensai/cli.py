@@ -93,7 +93,7 @@ def serve_options(f: Any) -> Any:
         click.option(
             "--max-tensors",
             type=click.IntRange(min=1),
-            default=8,
+            default=64,
             show_default=True,
             help="Most tensors in one message.",
         ),

@@ -40,6 +40,31 @@ def _is_tensor(x: Any) -> bool:
     return False
 
 
+def _numel(x: Any) -> int:
+    return int(x.numel()) if hasattr(x, "numel") else int(x.size)
+
+
+def _check_raw_answer(result: Any) -> None:
+    """Raise ValueError for what the seed treated as a failed answer: None, something that is
+    not an array or a list of arrays, an empty array, or the error indicator ``[-1]``."""
+    if result is None:
+        raise ValueError("Server returned None")
+    items = list(result) if isinstance(result, (list, tuple)) else [result]
+    if not items:
+        raise ValueError("Server returned an empty list")
+    for x in items:
+        if not _is_tensor(x):
+            raise ValueError(
+                f"Server returned invalid type: {type(x).__name__} (expected an array or a "
+                "list of arrays)"
+            )
+    if not isinstance(result, (list, tuple)) and _numel(result) == 0:
+        raise ValueError("Server returned empty tensor")
+    for x in items:
+        if _numel(x) == 1 and float(x.reshape(-1)[0]) == -1:
+            raise ValueError("Server returned error indicator")
+
+
 def _request_teacher_logits_with_retry(
     client: Any,
     input_tensor: Any,
@@ -47,30 +72,40 @@ def _request_teacher_logits_with_retry(
     retry_delay: float,
     attention_mask: Any = None,
 ) -> Any:
-    """Ask ``client`` for the teacher's answer, trying up to ``num_retries`` times (at least
-    once) and sleeping ``retry_delay`` seconds between tries; each failure warns with a
-    `RuntimeWarning`. Returns the answer, or None when every try failed.
+    """Ask ``client`` for the teacher's answer: one attempt, then up to ``num_retries`` more
+    (as the seed), ``retry_delay`` seconds apart; each failure warns with a
+    `RuntimeWarning`. Returns the answer, or None when every attempt failed.
 
     With a `sensai.client.Client` the answer is a `TeacherOutput`; with any other client
-    (the seed's `SensAIClient`) it is what ``send_tensor`` returns.
+    (the seed's `SensAIClient`) it is what ``send_tensor`` returns, and an answer the seed
+    counted as a failure (None, not an array or list of arrays, empty, ``[-1]``) fails the
+    attempt. ``input_tensor`` may be a numpy array or a torch tensor.
     """
     from .client import Client
 
-    attempts = max(1, int(num_retries))
+    attempts = 1 + max(0, int(num_retries))
     for attempt in range(1, attempts + 1):
         try:
             if isinstance(client, Client):
                 return client.get_teacher_logits(input_tensor, attention_mask)
             payload = input_tensor if attention_mask is None else [input_tensor, attention_mask]
-            return client.send_tensor(payload)
+            result = client.send_tensor(payload)
+            _check_raw_answer(result)
+            return result
         except Exception as e:  # noqa: BLE001 - any failure degrades to "no teacher logits"
+            last = attempt == attempts
             warnings.warn(
-                f"teacher logits request failed (attempt {attempt}/{attempts}): "
-                f"{type(e).__name__}: {e}",
+                (
+                    f"Teacher logits request failed after {attempts} attempts. Last error: "
+                    if last
+                    else f"Teacher logits request failed (attempt {attempt}/{attempts}): "
+                )
+                + f"{type(e).__name__}: {e}"
+                + ("" if last else f". Retrying in {retry_delay}s..."),
                 RuntimeWarning,
                 stacklevel=2,
             )
-            if attempt < attempts and retry_delay > 0:
+            if not last and retry_delay > 0:
                 time.sleep(retry_delay)
     return None
 
@@ -118,8 +153,10 @@ def wrap_collate_function(
     ``<attr>_tokens``; ``full`` logits go to ``<attr>``), plus ``<attr>_format`` and the
     whole `TeacherOutput` as ``<attr>_output`` (what the `sensai.losses` functions take:
     ``sampled_kd_loss(student_logits, batch["teacher_logits_output"])``).
-    A batch that already has the attribute is left alone. When every try fails, the
-    batch comes back without teacher logits (each failure warns with `RuntimeWarning`).
+    A batch that already has the attribute is left alone. A failed request is tried again up
+    to ``num_retries`` times (1 + ``num_retries`` attempts, as the seed); when every attempt
+    fails, the batch comes back without teacher logits (each failure warns with
+    `RuntimeWarning`).
     A `Client` works in DataLoader workers: each worker opens its own slot.
     """
     attr = teacher_logits_attribute
@@ -129,17 +166,19 @@ def wrap_collate_function(
         out = collate_fn(batch)
         if not isinstance(out, dict):
             raise ValueError(
-                f"the collate function must return a dict with 'input_ids', "
-                f"got {type(out).__name__}"
+                "Collate function must return a dictionary. It returned a "
+                f"{type(out).__name__}; return a dict with 'input_ids'."
             )
         if "input_ids" not in out:
             raise ValueError(
-                f"the collated batch has no 'input_ids' (keys: {sorted(map(str, out))})"
+                "Batch must contain 'input_ids' key for teacher logits request. Its keys are "
+                f"{sorted(map(str, out))}."
             )
         input_ids = out["input_ids"]
         if not _is_tensor(input_ids):
             raise ValueError(
-                f"input_ids must be a numpy array or a torch tensor, got {type(input_ids).__name__}"
+                "input_ids must be numpy array or torch tensor, got "
+                f"{type(input_ids).__name__}."
             )
         if any(k in out for k in (attr, f"{attr}_indices", f"{attr}_format", f"{attr}_output")):
             return out
@@ -153,6 +192,13 @@ def wrap_collate_function(
         )
         if answer is not None:
             _store(out, attr, answer)
+        else:
+            warnings.warn(
+                f"Failed to obtain teacher logits after {num_retries} retries. "
+                "Continuing without teacher logits.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return out
 
     return wrapped

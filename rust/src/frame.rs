@@ -192,7 +192,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_tensors: 8,
+            max_tensors: 64,
             max_dims: 8,
             max_payload_bytes: 256 << 20,
         }

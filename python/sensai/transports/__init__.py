@@ -17,10 +17,10 @@ import tempfile
 from typing import Any
 from urllib.parse import urlparse
 
-from .named_pipe import NamedPipeClient, NamedPipeServer
-from .shared_memory import SharedMemoryClient, SharedMemoryServer
+from .named_pipe import NamedPipeClient, NamedPipeServer, NamedPipeTransport
+from .shared_memory import SharedMemoryClient, SharedMemoryServer, SharedMemoryTransport
 from .transport_abc import ClientMixin, Transport
-from .unix_socket import UnixSocketClient, UnixSocketServer
+from .unix_socket import UnixSocketClient, UnixSocketServer, UnixSocketTransport
 
 __all__ = [
     "Transport",
@@ -31,6 +31,9 @@ __all__ = [
     "UnixSocketClient",
     "SharedMemoryServer",
     "SharedMemoryClient",
+    "NamedPipeTransport",
+    "SharedMemoryTransport",
+    "UnixSocketTransport",
     "TRANSPORT_KINDS",
     "create_transport",
     "default_path",

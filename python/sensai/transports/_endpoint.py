@@ -16,11 +16,32 @@ from .. import _core
 from ..errors import CapacityError, RemoteError, RoleError, SensAIError
 from .transport_abc import ClientMixin, Transport
 
-__all__ = ["ServerEndpointBase", "ClientEndpointBase", "to_wire", "from_message"]
+__all__ = [
+    "ServerEndpointBase",
+    "ClientEndpointBase",
+    "SeedTransport",
+    "to_wire",
+    "from_message",
+    "slot_count",
+]
 
 log = logging.getLogger("sensai.transports")
 
 DEFAULT_MAX_NBYTES = 256 << 20
+#: Most tensors in one message: a batch of many named fields fits; the frame table grows by
+#: 88 bytes a tensor (docs/PROTOCOL.md section 9).
+DEFAULT_MAX_TENSORS = 64
+
+
+def slot_count(num_slots: int | None, num_clients: int | None, default: int = 1) -> int:
+    """``num_slots``, or the seed's name for it, ``num_clients`` (both given must agree)."""
+    if num_slots is not None and num_clients is not None and int(num_slots) != int(num_clients):
+        raise TypeError(
+            f"num_slots={num_slots} and num_clients={num_clients} disagree: num_clients is the "
+            "seed's name for num_slots, give one of them"
+        )
+    n = num_slots if num_slots is not None else num_clients
+    return default if n is None else int(n)
 
 
 def _one_to_wire(x: Any, index: int) -> tuple[np.ndarray, str | None]:
@@ -90,13 +111,15 @@ class ServerEndpointBase(Transport):
     def __init__(
         self,
         path: str,
-        num_slots: int,
+        num_slots: int | None = None,
         debug: bool = False,
         *,
+        num_clients: int | None = None,
         max_nbytes: int = DEFAULT_MAX_NBYTES,
-        max_tensors: int = 8,
+        max_tensors: int = DEFAULT_MAX_TENSORS,
         max_dims: int = 8,
     ) -> None:
+        num_slots = slot_count(num_slots, num_clients)
         super().__init__(str(path), debug=debug, is_server=True)
         self._core = self._make_core(
             str(path), int(num_slots), int(max_nbytes), int(max_tensors), int(max_dims)
@@ -158,6 +181,11 @@ class ServerEndpointBase(Transport):
 
     @property
     def num_slots(self) -> int:
+        return self._num_slots
+
+    @property
+    def num_clients(self) -> int:
+        """The seed's name for :attr:`num_slots`."""
         return self._num_slots
 
     @property
@@ -317,3 +345,33 @@ class ClientEndpointBase(ClientMixin, Transport):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={self.path!r}, slot_id={self.slot_id})"
+
+
+class SeedTransport:
+    """The seed's server class names (``NamedPipeTransport``, ``SharedMemoryTransport``,
+    ``UnixSocketTransport``), each a server endpoint of its transport. Besides our arguments
+    they take the seed's spellings: the path as ``pipe_dir``/``shm_path``/``socket_path``
+    (default: a per-process path), ``num_clients`` for ``num_slots``, and ``is_server``
+    (only True: a client is ``connect(address)``)."""
+
+    _path_alias = ""
+    _kind = ""
+
+    def __init__(self, path: str | None = None, *args: Any, **kwargs: Any) -> None:
+        alias = kwargs.pop(self._path_alias, None)
+        if path is not None and alias is not None and str(path) != str(alias):
+            raise TypeError(
+                f"{type(self).__name__}: path={path!r} and {self._path_alias}={alias!r} "
+                f"disagree: {self._path_alias} is the seed's name for path, give one of them"
+            )
+        if not kwargs.pop("is_server", True):
+            raise RoleError(
+                f"{type(self).__name__}(is_server=False): the seed's client side is now "
+                f"connect(address) or the {self._kind} client class with a slot_id; "
+                f"{type(self).__name__} makes the server's endpoint"
+            )
+        if path is None and alias is None:
+            from . import default_path  # the package imports this module first
+
+            path = default_path(self._kind)
+        super().__init__(str(path if path is not None else alias), *args, **kwargs)

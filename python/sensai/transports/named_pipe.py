@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ._endpoint import ClientEndpointBase, ServerEndpointBase
+from ._endpoint import ClientEndpointBase, SeedTransport, ServerEndpointBase
 
-__all__ = ["NamedPipeServer", "NamedPipeClient"]
+__all__ = ["NamedPipeServer", "NamedPipeClient", "NamedPipeTransport"]
 
 
 class NamedPipeServer(ServerEndpointBase):
@@ -23,3 +23,11 @@ class NamedPipeClient(ClientEndpointBase):
     """
 
     _factory = "named_pipe"
+
+
+class NamedPipeTransport(SeedTransport, NamedPipeServer):
+    """The seed's name: ``NamedPipeTransport(pipe_dir=..., num_clients=...)``, a
+    `NamedPipeServer`."""
+
+    _path_alias = "pipe_dir"
+    _kind = "named_pipe"

@@ -19,11 +19,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import _core
-from ._endpoint import ClientEndpointBase, ServerEndpointBase
+from ._endpoint import (
+    DEFAULT_MAX_TENSORS,
+    ClientEndpointBase,
+    SeedTransport,
+    ServerEndpointBase,
+    slot_count,
+)
 
 __all__ = [
     "SharedMemoryServer",
     "SharedMemoryClient",
+    "SharedMemoryTransport",
     "DEFAULT_RING_DEPTH",
     "DEFAULT_SHM_MAX_NBYTES",
 ]
@@ -36,11 +43,11 @@ DEFAULT_SHM_MAX_NBYTES = 64 << 20
 
 
 class SharedMemoryServer(ServerEndpointBase):
-    """``SharedMemoryServer(path, num_slots, max_nbytes, max_tensors=8, max_dims=8)`` (the
-    seed's signature; its default of 4 tensors was raised to 8, as on the other transports,
-    since a teacher's answer carries up to 7), plus ``ring_depth`` (buffers per slot and
-    direction, >= 2) and ``debug``. ``path`` is a file, by default under /dev/shm (a bare name
-    goes there).
+    """``SharedMemoryServer(path, num_slots, max_nbytes, max_tensors=64, max_dims=8)`` (the
+    seed's signature; its default of 4 tensors was raised to 64, as on the other transports,
+    so that batches of many fields fit), plus ``ring_depth`` (buffers per slot and direction,
+    >= 2), ``debug`` and the seed's ``num_clients`` for ``num_slots``. ``path`` is a file, by
+    default under /dev/shm (a bare name goes there).
     """
 
     _factory = "shared_memory"
@@ -48,18 +55,19 @@ class SharedMemoryServer(ServerEndpointBase):
     def __init__(
         self,
         path: str,
-        num_slots: int,
+        num_slots: int | None = None,
         max_nbytes: int = DEFAULT_SHM_MAX_NBYTES,
-        max_tensors: int = 8,
+        max_tensors: int = DEFAULT_MAX_TENSORS,
         max_dims: int = 8,
         debug: bool = False,
         *,
+        num_clients: int | None = None,
         ring_depth: int = DEFAULT_RING_DEPTH,
     ) -> None:
         self._ring_depth = int(ring_depth)
         super().__init__(
             path,
-            num_slots,
+            slot_count(num_slots, num_clients),
             debug,
             max_nbytes=max_nbytes,
             max_tensors=max_tensors,
@@ -109,3 +117,21 @@ class SharedMemoryClient(ClientEndpointBase):
         self, path: str, slot_id: int | None = None, debug: bool = False, **kwargs: Any
     ) -> None:
         super().__init__(path, slot_id, debug, **kwargs)
+
+
+class SharedMemoryTransport(SeedTransport, SharedMemoryServer):
+    """The seed's name: ``SharedMemoryTransport(shm_path=..., num_clients=..., max_nbytes=...)``
+    is a `SharedMemoryServer`. The seed's ``max_elems`` and ``max_dtype`` (elements of the
+    largest tensor and their dtype) give ``max_nbytes`` when it is not given."""
+
+    _path_alias = "shm_path"
+    _kind = "shared_memory"
+
+    def __init__(self, path: str | None = None, *args: Any, **kwargs: Any) -> None:
+        max_elems = kwargs.pop("max_elems", None)
+        max_dtype = kwargs.pop("max_dtype", None)
+        if max_elems is not None and "max_nbytes" not in kwargs and len(args) < 2:
+            import numpy as np
+
+            kwargs["max_nbytes"] = int(max_elems) * np.dtype(max_dtype or np.float32).itemsize
+        super().__init__(path, *args, **kwargs)

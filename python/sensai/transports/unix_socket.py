@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ._endpoint import ClientEndpointBase, ServerEndpointBase
+from ._endpoint import ClientEndpointBase, SeedTransport, ServerEndpointBase
 
-__all__ = ["UnixSocketServer", "UnixSocketClient"]
+__all__ = ["UnixSocketServer", "UnixSocketClient", "UnixSocketTransport"]
 
 
 class UnixSocketServer(ServerEndpointBase):
@@ -20,3 +20,11 @@ class UnixSocketClient(ClientEndpointBase):
     """
 
     _factory = "unix_socket"
+
+
+class UnixSocketTransport(SeedTransport, UnixSocketServer):
+    """The seed's name: ``UnixSocketTransport(socket_path=..., num_clients=...)``, a
+    `UnixSocketServer`."""
+
+    _path_alias = "socket_path"
+    _kind = "unix_socket"
