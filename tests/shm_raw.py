@@ -29,7 +29,9 @@ HEADER = struct.Struct("<8s6I4Q")
 DOORBELL = 128  # event: seq u32, sleepers u32
 HEADER_REGION = 4096
 # offsets in a slot
+LEASE = 0  # u32: the client's pid, 0 = free
 REQ_HEAD, REQ_TAIL = 64, 128
+RESP_HEAD, RESP_TAIL = 192, 256
 REQ_QUEUE, REQ_STATES = 512, 768  # 64 buffer indices u32 | 64 buffer states u64
 CTRL_LEN = 2048  # then K request buffers, then K response buffers, `capacity` bytes each
 FREE, BUSY = 0, 1
@@ -61,6 +63,11 @@ class ShmFile:
         if value is not None:
             struct.pack_into("<Q", self.map, off, value)
         return struct.unpack_from("<Q", self.map, off)[0]
+
+    def slot_u64(self, slot: int, field: int, value: int | None = None) -> int:
+        """Word ``field`` (an offset above) of ``slot``, after writing ``value`` if given."""
+        assert 0 <= slot < self.num_slots, slot
+        return self._u64(HEADER_REGION + slot * self.stride + field, value)
 
     def publish_raw(self, slot: int, data: bytes) -> int:
         """Put ``data`` in a free request buffer of ``slot`` and publish it; the buffer's index.

@@ -139,6 +139,9 @@ class ServerEndpoint:
         """Whether ``slot_id`` has a pending request (does non-blocking I/O first)."""
     def is_connected(self, slot_id: int) -> bool:
         """Whether a client holds ``slot_id``."""
+    def notices(self) -> list[str]:
+        """Faults the server found and repaired on its own since the last call (a corrupt
+        shared-memory slot reset), oldest first."""
     def recv(self, slot_id: int) -> Message | None:
         """The next request on ``slot_id``, or None."""
     def send(

@@ -1005,6 +1005,13 @@ impl PyServer {
         Ok(held.get()?.endpoint().is_connected(slot_id))
     }
 
+    /// Reports of faults the server found and repaired on its own since the last call (a
+    /// corrupt shared-memory slot reset), oldest first; the Python endpoint logs them.
+    fn notices(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let mut held = self.shared.hold(py, "notices", false)?;
+        Ok(held.get()?.endpoint().take_notices())
+    }
+
     /// The next request on `slot_id`, or None.
     fn recv(&self, py: Python<'_>, slot_id: i64) -> PyResult<Option<PyMessage>> {
         let slot_id = self.slot_arg(py, slot_id)?;

@@ -21,6 +21,9 @@ const BULK_BYTES: usize = 8 * 511 * 256 * 12;
 const BULK_SHAPE: [u64; 3] = [8, 511, 256];
 const T: Option<Duration> = Some(Duration::from_secs(10));
 
+/// What a "keep" child prints once it keeps its answers.
+const KEPT: &str = "SENSAI-ANSWERS-KEPT";
+
 fn limits() -> Limits {
     Limits::new(4, 4, 1 << 20).expect("limits")
 }
@@ -93,6 +96,38 @@ fn run_child(mode: &str, path: &str) {
                     check(&m, round * k + j as u64, d);
                 }
             }
+        }
+        // Receive two answers, close the client and keep the answers (their buffers stay
+        // pinned) until stdin closes; KEPT on stdout says they are kept.
+        "keep" => {
+            let mut c = attach(path);
+            for i in 0..2 {
+                request(&mut c, i, &payload(i));
+            }
+            let kept: Vec<_> = (0..2)
+                .map(|_| c.recv(T, &mut no_interrupt()).expect("recv"))
+                .collect();
+            c.close();
+            println!("{KEPT}");
+            let mut rest = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
+            drop(kept);
+        }
+        // The only slot is pinned by another process's kept answers: a send is refused,
+        // with an error that says so (and that this client holds none).
+        "pinned" => {
+            let mut c = attach(path);
+            let e = c
+                .send(Meta::new(Kind::Request), &[], T, &mut no_interrupt())
+                .expect_err("no response buffer is free");
+            let text = e.to_string();
+            assert!(matches!(e, Error::Capacity(_)), "{e}");
+            assert!(
+                text.contains("this client's received messages hold 0")
+                    && text.contains("2 are pinned by messages a previous client")
+                    && text.contains("process "),
+                "{text}"
+            );
         }
         // Keep the slot until killed.
         "hold" => {
@@ -215,13 +250,38 @@ fn spawn_child(mode: &str, path: &Path) -> Child {
     Command::new(std::env::current_exe().expect("exe"))
         .args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
         .env("SENSAI_SHM_CHILD", format!("{mode}|{}", path.display()))
-        .stdout(if mode == "latency" || mode == "bulk" {
-            Stdio::inherit()
+        .stdin(if mode == "keep" {
+            Stdio::piped()
         } else {
             Stdio::null()
         })
+        .stdout(match mode {
+            "latency" | "bulk" => Stdio::inherit(),
+            "keep" => Stdio::piped(),
+            _ => Stdio::null(),
+        })
         .spawn()
         .expect("spawn child")
+}
+
+/// A "keep" child, served until it says that it keeps its two answers (its stdin stays
+/// open: closing it lets the child drop them and exit).
+fn spawn_keeper(srv: &mut ShmServer, path: &Path) -> Child {
+    use std::io::BufRead;
+    let mut keeper = spawn_child("keep", path);
+    let out = keeper.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            // Contained, not equal: the harness prints "test child_entry ... " before it.
+            if line.contains(KEPT) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    serve_until(srv, Duration::from_secs(30), |_| rx.try_recv().is_ok());
+    keeper
 }
 
 /// Echo server loop: answer each request with its bytes incremented and its tag.
@@ -314,15 +374,69 @@ fn pipelined_requests_are_answered_in_order() {
     wait_children(&mut srv, &mut children, Duration::from_secs(30));
 }
 
-#[test]
-fn a_killed_clients_slot_is_reused() {
+/// A client holding the only slot is SIGKILLed; a new one (another process) then leases
+/// it. `reap`: the holder is reaped first; otherwise it stays a zombie meanwhile.
+fn a_killed_clients_slot_is_reused_when(reap: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = shm_path(&dir);
     let mut srv = ShmServer::create(&path, 1, limits(), 2).expect("create");
     let mut holder = spawn_child("hold", &path);
     serve_until(&mut srv, Duration::from_secs(20), |s| s.is_connected(0));
     holder.kill().expect("kill");
-    holder.wait().expect("wait");
+    if !reap {
+        // Wait for its exit without reaping it (WNOWAIT).
+        let pid = rustix::process::Pid::from_raw(holder.id() as i32).expect("pid");
+        rustix::process::waitid(
+            rustix::process::WaitId::Pid(pid),
+            rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
+        )
+        .expect("waitid");
+    } else {
+        holder.wait().expect("wait");
+    }
+    let mut worker = [spawn_child("work", &path)];
+    wait_children(&mut srv, &mut worker, Duration::from_secs(30));
+    holder.wait().expect("reap");
+}
+
+#[test]
+fn a_killed_clients_slot_is_reused() {
+    a_killed_clients_slot_is_reused_when(true);
+}
+
+/// Issue 14: a client SIGKILLed and not yet reaped (a zombie) kept its slot until waitpid.
+#[test]
+fn a_killed_clients_slot_is_reused_before_it_is_reaped() {
+    a_killed_clients_slot_is_reused_when(false);
+}
+
+/// Issue 14: a live process that closed its client but keeps two received answers left its
+/// slot looking free: the next client (another process) was given it although another slot
+/// was free, and failed with "2 buffers are held by received messages still alive".
+#[test]
+fn kept_answers_of_another_process_do_not_poison_leasing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = shm_path(&dir);
+    let mut srv = ShmServer::create(&path, 2, limits(), 2).expect("create");
+    let mut keeper = spawn_keeper(&mut srv, &path);
+    let mut worker = [spawn_child("work", &path)];
+    wait_children(&mut srv, &mut worker, Duration::from_secs(30));
+    drop(keeper.stdin.take());
+    assert!(keeper.wait().expect("wait").success());
+}
+
+/// With one slot, pinned by another process's kept answers, the new client's send error
+/// names that process and says this client holds none; once they are dropped it works.
+#[test]
+fn a_send_on_a_slot_pinned_by_another_process_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = shm_path(&dir);
+    let mut srv = ShmServer::create(&path, 1, limits(), 2).expect("create");
+    let mut keeper = spawn_keeper(&mut srv, &path);
+    let mut pinned = [spawn_child("pinned", &path)];
+    wait_children(&mut srv, &mut pinned, Duration::from_secs(30));
+    drop(keeper.stdin.take());
+    assert!(keeper.wait().expect("wait").success());
     let mut worker = [spawn_child("work", &path)];
     wait_children(&mut srv, &mut worker, Duration::from_secs(30));
 }

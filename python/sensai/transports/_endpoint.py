@@ -156,7 +156,19 @@ class ServerEndpointBase(Transport):
         self._core.send(slot_id, arrays, dtypes, is_list)
 
     def wait_any(self, timeout: float | None = None) -> list[int]:
-        return self._core.wait_any(timeout)
+        try:
+            return self._core.wait_any(timeout)
+        finally:
+            self._log_notices()
+
+    def _log_notices(self) -> None:
+        """Log what the server found and repaired on its own (a corrupt shm slot reset)."""
+        try:
+            notes = self._core.notices()
+        except SensAIError:  # closed meanwhile
+            return
+        for note in notes:
+            log.warning("%s", note)
 
     def close(self) -> None:
         self._core.close()

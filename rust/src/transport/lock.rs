@@ -202,9 +202,14 @@ pub(crate) fn read_pid(path: &Path) -> Option<u32> {
     s.trim().parse().ok()
 }
 
-/// Whether process `pid` exists. `pid` may come from a shared file: a value that is no
+/// Whether process `pid` is running. `pid` may come from a shared file: a value that is no
 /// process id (0, or above `i32::MAX`, which `kill(2)` would take for a process group) is
-/// not alive.
+/// not alive. A process that has exited but is not reaped yet (a zombie: SIGKILLed, its
+/// parent not yet in `waitpid`) is not alive either: it holds no mapping, lease or lock any
+/// more, and its parent may never reap it. `kill(pid, 0)` alone succeeds on a zombie, so a
+/// pidfd tells: it is readable once the whole thread group has exited (a group leader that
+/// called `pthread_exit` while other threads run shows state `Z` in `/proc` but is alive,
+/// and its pidfd is not readable). Kernels without pidfds (before 5.3) fall back to `kill`.
 pub(crate) fn pid_alive(pid: u32) -> bool {
     let Some(p) = i32::try_from(pid)
         .ok()
@@ -212,11 +217,58 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
     else {
         return false;
     };
+    match rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => {
+            let mut fds = [rustix::event::PollFd::new(
+                &fd,
+                rustix::event::PollFlags::IN,
+            )];
+            let now = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            match rustix::event::poll(&mut fds, Some(&now)) {
+                // Readable: the thread group has exited (a zombie at most).
+                Ok(n) => n == 0,
+                Err(_) => kill_alive(p),
+            }
+        }
+        Err(Errno::SRCH) => false,
+        // ENOSYS (an old kernel), EINVAL (a thread id, not a process), EMFILE, ...
+        Err(_) => kill_alive(p),
+    }
+}
+
+fn kill_alive(p: rustix::process::Pid) -> bool {
     match rustix::process::test_kill_process(p) {
         Ok(()) => true,
         Err(Errno::PERM) => true,
         Err(_) => false,
     }
+}
+
+/// A child that was SIGKILLed and has exited but is not reaped (a zombie), and its pid;
+/// `wait()` on it reaps it.
+#[cfg(test)]
+pub(crate) fn spawn_zombie() -> (std::process::Child, u32) {
+    let mut child = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("spawn sleep");
+    let pid = child.id();
+    child.kill().expect("kill");
+    // Wait for the exit without reaping it (WNOWAIT).
+    let p = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    rustix::process::waitid(
+        rustix::process::WaitId::Pid(p),
+        rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
+    )
+    .expect("waitid");
+    assert!(
+        std::fs::metadata(format!("/proc/{pid}")).is_ok(),
+        "still a zombie"
+    );
+    (child, pid)
 }
 
 #[cfg(test)]
@@ -230,6 +282,17 @@ mod tests {
 
     /// A stale lock file of our own (a server killed with SIGKILL leaves one) is reused: the
     /// same file, its mode set back to 0600, our pid written over the dead one.
+    /// Issue 14: a SIGKILLed child that its parent has not reaped yet (a zombie) is gone for
+    /// every liveness check; `kill(pid, 0)` alone called it alive until `waitpid`.
+    #[test]
+    fn a_zombie_is_not_alive() {
+        assert!(pid_alive(std::process::id()));
+        let (mut child, pid) = spawn_zombie();
+        assert!(!pid_alive(pid), "a zombie counted as alive");
+        child.wait().expect("reap");
+        assert!(!pid_alive(pid));
+    }
+
     #[test]
     fn a_stale_lock_file_of_our_own_is_reused_and_narrowed() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -176,6 +176,11 @@ pub trait ServerEndpoint: Send + Sync {
     fn send_error(&mut self, slot: usize, code: u32, message: &str) -> Result<()>;
     /// Whether a client currently holds `slot`.
     fn is_connected(&self, slot: usize) -> bool;
+    /// Reports of faults the server found and repaired on its own (a corrupt shared-memory
+    /// slot reset), oldest first, since the last call; for the embedding program to log.
+    fn take_notices(&mut self) -> Vec<String> {
+        Vec::new()
+    }
     /// Stop serving and remove every file this server created. Idempotent.
     fn close(&mut self);
 }

@@ -53,9 +53,11 @@
 //!
 //! A client that is closed gives its slot up at once, even while some of its messages are
 //! alive: the buffers they hold stay marked held by its pid, untouched, and the slot's next
-//! client simply has fewer free response buffers until they are dropped. A client that
-//! attaches frees whatever its predecessor left: queued responses it never read, and buffers
-//! held by a process that is dead.
+//! client simply has fewer free response buffers until they are dropped (leasing without a
+//! slot id offers such a slot after the slots nothing pins: see `shm/lease.rs`). Before it
+//! acknowledges an attach, the server resets the slot's rings: queued responses nobody
+//! read, requests left half-written, buffers held by a process that has exited, and any
+//! ring word nobody honest could have written.
 //!
 //! The server writes responses in place: [`ShmServer::reserve`] lays out the frame in the
 //! next response buffer and hands out the tensors' bytes to fill, [`ShmServer::publish`]
@@ -66,9 +68,9 @@
 //!
 //! # Liveness
 //!
-//! A client's lease records its pid: a lease whose pid is dead is reclaimed by the next
-//! client that attaches, and the server then drops that slot's unread requests and the
-//! request buffers the dead client left half-written. A waiting
+//! A client's lease records its pid: a lease whose pid has exited (gone, or a zombie not yet
+//! reaped) is reclaimed by the next client that attaches, and the server then drops that
+//! slot's unread requests and the request buffers the dead client left half-written. A waiting
 //! client checks every [`INTERRUPT_CHECK`] that the server's pid is alive and that it did not
 //! close the file, and ends with [`Error::PeerGone`]. (Pids are compared in the caller's pid
 //! namespace: server and clients must share one.)
@@ -87,7 +89,7 @@ use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,6 +100,8 @@ use crate::frame::{self, error_code, Kind, Limits, Meta, TensorRef, TensorSpec};
 use crate::sync::{futex_wait, futex_wake_all, Event, Wake};
 use crate::transport::access::Owner;
 use crate::transport::lock::{pid_alive, LockFile};
+mod lease;
+
 use crate::transport::{
     check_client_kind, check_private, check_slot, rand_u64, request_context, slot_out_of_range,
     take_answer, temp_context, ClientEndpoint, Deadline, DirWatch, Interrupt, Message,
@@ -403,12 +407,21 @@ impl Region {
             .store(FREE, Ordering::Release);
     }
 
-    /// Free every buffer queued at positions `from..to` (entries nobody will read).
+    /// Free every buffer queued at positions `from..to` (entries nobody will read). Only a
+    /// busy buffer is freed: a queue entry rewritten to name a buffer that a live message
+    /// holds must not hand that buffer to the producer.
     fn free_queued(&self, slot: usize, response: bool, from: u64, to: u64) {
         for pos in from..to {
             let b = self.queue(slot, response, pos).load(Ordering::Relaxed);
             if (b as usize) < self.geo.depth {
-                self.release(slot, response, b);
+                // AcqRel: as `release` (our reads of the buffer before the producer's
+                // acquire), and the state we compare is the one published with the entry.
+                let _ = self.state(slot, response, b).compare_exchange(
+                    BUSY,
+                    FREE,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
             }
         }
     }
@@ -431,6 +444,8 @@ pub struct ShmLease {
     buf: u32,
     ptr: *mut u8,
     len: usize,
+    /// The receiving client's count of its live messages, decremented on drop.
+    live: Option<Arc<AtomicUsize>>,
 }
 
 // SAFETY: the pointer targets a buffer of the shared mapping, which `region` keeps mapped
@@ -455,6 +470,10 @@ impl ShmLease {
 
 impl Drop for ShmLease {
     fn drop(&mut self) {
+        if let Some(live) = &self.live {
+            // Relaxed: a count for error messages only.
+            live.fetch_sub(1, Ordering::Relaxed);
+        }
         self.region.release(self.slot, self.response, self.buf);
         if !self.response {
             // A client may wait for a free request buffer.
@@ -594,8 +613,8 @@ struct ServerSlot {
     /// Bumped whenever the slot changes hands.
     epoch: u64,
     unanswered: VecDeque<u64>,
-    /// The open reservation, if any (false once it was dropped).
-    reservation: Option<Arc<AtomicBool>>,
+    /// The open reservation, if any (false once it was dropped), and its response buffer.
+    reservation: Option<(Arc<AtomicBool>, u32)>,
     /// The client broke the ring protocol; ignored until the slot is attached again.
     broken: bool,
 }
@@ -613,7 +632,14 @@ pub struct ShmServer {
     /// This process's pid, marking the request buffers its messages hold.
     pid: u32,
     owner: Owner,
+    /// Reports for the embedding program (corrupt slots found and reset), oldest first, at
+    /// most `MAX_NOTICES`; `notices_lost` counts those that did not fit.
+    notices: Vec<String>,
+    notices_lost: usize,
 }
+
+/// Most reports a server keeps until [`ServerEndpoint::take_notices`] collects them.
+const MAX_NOTICES: usize = 64;
 
 fn check_parent(path: &Path) -> Result<PathBuf> {
     let parent = match path.parent() {
@@ -721,6 +747,8 @@ impl ShmServer {
             last_liveness: Instant::now(),
             pid: std::process::id(),
             owner: Owner::here(),
+            notices: Vec::new(),
+            notices_lost: 0,
         })
     }
 
@@ -845,13 +873,31 @@ impl ShmServer {
         region.slot_event(slot, off::REQ_SPACE_EVENT).notify();
     }
 
-    /// Acknowledge new attaches (resetting what the previous holder left) and, at most every
-    /// `INTERRUPT_CHECK` (or when `force`), forget clients that closed or died.
+    /// Keep a report for [`ServerEndpoint::take_notices`].
+    fn notice(&mut self, text: String) {
+        if self.notices.len() < MAX_NOTICES {
+            self.notices.push(text);
+        } else {
+            self.notices_lost += 1;
+        }
+    }
+
+    /// Acknowledge new attaches (first resetting every ring word of the slot, whatever the
+    /// previous holder or anyone else left) and, at most every `INTERRUPT_CHECK` (or when
+    /// `force`), forget clients that closed or died and reset idle slots found corrupt.
     fn sync_slots(&mut self, region: &Region, force: bool) {
+        let mut notes = Vec::new();
+        let path = self.path.display();
         for (s, st) in self.slots.iter_mut().enumerate() {
             let a = region.slot_u32(s, off::ATTACH_SEQ).load(Ordering::Acquire);
             if a != st.acked {
-                Self::drop_unread(region, s, st, true);
+                if let Some(fault) = lease::server_fault(region, s, st) {
+                    notes.push(format!(
+                        "slot {s} of {path} was corrupt ({fault}); reset it for the client \
+                         attaching to it"
+                    ));
+                }
+                lease::reset(region, s, st, self.pid);
                 st.client = region.slot_u32(s, off::LEASE).load(Ordering::Acquire);
                 st.epoch += 1;
                 st.broken = false;
@@ -865,16 +911,30 @@ impl ShmServer {
         if force || self.last_liveness.elapsed() >= INTERRUPT_CHECK {
             self.last_liveness = Instant::now();
             for (s, st) in self.slots.iter_mut().enumerate() {
-                if st.client == 0 {
-                    continue;
-                }
-                let lease = region.slot_u32(s, off::LEASE).load(Ordering::Acquire);
-                if lease != st.client || !pid_alive(lease) {
+                if st.client != 0 {
+                    let lease = region.slot_u32(s, off::LEASE).load(Ordering::Acquire);
+                    if lease == st.client && pid_alive(lease) {
+                        continue;
+                    }
                     Self::drop_unread(region, s, st, true);
                     st.client = 0;
                     st.epoch += 1;
                 }
+                // No client holds the slot: one found corrupt is reset now, so that leasing
+                // finds it whole (a client that leases it meanwhile waits for the
+                // acknowledgement, which resets it again).
+                if let Some(fault) = lease::server_fault(region, s, st) {
+                    lease::reset(region, s, st, self.pid);
+                    st.broken = false;
+                    notes.push(format!(
+                        "slot {s} of {path} was corrupt ({fault}) while no client held it; \
+                         reset it, it can be leased again"
+                    ));
+                }
             }
+        }
+        for n in notes {
+            self.notice(n);
         }
     }
 
@@ -886,11 +946,28 @@ impl ShmServer {
         }
         let head = region.head(slot, false).load(Ordering::Acquire);
         if head < st.read || head - st.read > region.geo.depth as u64 {
+            let (read, client) = (st.read, st.client);
             st.broken = true;
             Self::drop_unread(region, slot, st, false);
+            self.broke(
+                slot,
+                client,
+                format_args!("request head {head}, tail {read}"),
+            );
             return 0;
         }
         head - st.read
+    }
+
+    /// Report that the client on `slot` broke the ring protocol (the caller marked the slot
+    /// broken: its requests are ignored until it leaves, and the slot is reset then).
+    fn broke(&mut self, slot: usize, client: u32, what: std::fmt::Arguments<'_>) {
+        let text = format!(
+            "the client (pid {client}) on slot {slot} of {} broke the ring protocol ({what}); \
+             its requests are ignored, and the slot is reset once it leaves",
+            self.path.display()
+        );
+        self.notice(text);
     }
 
     fn ready_slots(&mut self, region: &Region) -> Vec<usize> {
@@ -915,7 +992,7 @@ impl ShmServer {
         }
         let path = self.path.display().to_string();
         let st = &mut self.slots[slot];
-        if let Some(open) = &st.reservation {
+        if let Some((open, _)) = &st.reservation {
             if open.load(Ordering::Acquire) {
                 return Err(Error::InvalidArgument(format!(
                     "slot {slot} of {path} has an unpublished reservation; publish or drop it first"
@@ -1026,7 +1103,7 @@ impl ShmServer {
         let out = unsafe { std::slice::from_raw_parts_mut(ptr, lay.total_len as usize) };
         frame::write_prefix(out, &meta, specs, &lay);
         let open = Arc::new(AtomicBool::new(true));
-        st.reservation = Some(Arc::clone(&open));
+        st.reservation = Some((Arc::clone(&open), b));
         Ok(Reservation {
             _region: region,
             open,
@@ -1046,7 +1123,7 @@ impl ShmServer {
         self.owner.check(|| self.what_server())?;
         let region = self.region()?;
         let st = &mut self.slots[r.slot];
-        let current = matches!(&st.reservation, Some(o) if Arc::ptr_eq(o, &r.open));
+        let current = matches!(&st.reservation, Some((o, _)) if Arc::ptr_eq(o, &r.open));
         if !current {
             return Err(Error::InvalidArgument(format!(
                 "this reservation on slot {} of {} is not the slot's open one; nothing was sent",
@@ -1139,10 +1216,12 @@ impl ServerEndpoint for ShmServer {
             st.read += 1;
             let b = match region.pop(slot, false, pos, self.pid) {
                 Ok(b) => b,
-                Err(_) => {
+                Err(e) => {
                     // The client broke the ring protocol: ignore it until it attaches again.
+                    let client = st.client;
                     st.broken = true;
                     Self::drop_unread(&region, slot, st, false);
+                    self.broke(slot, client, format_args!("{e}"));
                     return Ok(None);
                 }
             };
@@ -1166,6 +1245,7 @@ impl ServerEndpoint for ShmServer {
                 buf: b,
                 ptr,
                 len,
+                live: None,
             };
             let m = decoded.header.meta;
             if m.kind != Kind::Request && m.kind != Kind::Control {
@@ -1216,6 +1296,21 @@ impl ServerEndpoint for ShmServer {
             None => 0,
         };
         self.write_error(slot, rid, code, message, true)
+    }
+
+    /// Reports of what the server found and repaired in its file (a slot whose ring words
+    /// were corrupt, by a peer or another process of the user; a client that broke the ring
+    /// protocol), oldest first, since the last call. The embedding program logs them.
+    fn take_notices(&mut self) -> Vec<String> {
+        let mut out = std::mem::take(&mut self.notices);
+        if self.notices_lost > 0 {
+            out.push(format!(
+                "{} more reports about {} were dropped",
+                std::mem::take(&mut self.notices_lost),
+                self.path.display()
+            ));
+        }
+        out
     }
 
     fn is_connected(&self, slot: usize) -> bool {
@@ -1423,6 +1518,8 @@ pub struct ShmClient {
     /// are discarded when they arrive.
     abandoned_upto: u64,
     owner: Owner,
+    /// This client's received messages still alive (each holds a response buffer).
+    live: Arc<AtomicUsize>,
 }
 
 /// Wait for `ready()` on `event`, spinning briefly, then sleeping in slices; checks the
@@ -1539,37 +1636,59 @@ impl ShmClient {
         let candidates: Vec<usize> = match slot {
             Some(s) if s >= num_slots => return Err(slot_out_of_range(s, Some(num_slots), &path)),
             Some(s) => vec![s],
-            None => (0..num_slots).collect(),
+            None => lease::lease_order(&region, me),
         };
-        let mut claimed = None;
         let mut holder = 0;
+        let mut corrupt = None;
         for s in candidates {
             let lease = region.slot_u32(s, off::LEASE);
             let cur = lease.load(Ordering::Acquire);
-            if cur != 0 && (cur == me || pid_alive(cur)) {
+            if !lease::lease_free(cur, me) {
                 holder = cur;
                 continue;
             }
+            // AcqRel: the lease is taken before anything of the slot is touched, and the
+            // previous holder's last accesses happen before ours.
             if lease
                 .compare_exchange(cur, me, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+                .is_err()
             {
-                claimed = Some(s);
-                break;
+                continue;
+            }
+            match Self::attach_slot(&region, s, &path, server_pid, &deadline, interrupt) {
+                // Without a slot id, a slot found corrupt after the server's reset (written
+                // again meanwhile) is left for the next free one.
+                Err(e @ Error::Protocol(_)) if slot.is_none() => corrupt = Some(e),
+                other => return other,
             }
         }
-        let Some(slot) = claimed else {
-            return Err(Error::Capacity(match slot {
-                Some(s) => format!(
-                    "slot {s} of the server at {} is in use by another client (pid {holder})",
-                    path.display()
-                ),
-                None => format!(
-                    "all {num_slots} slots of the server at {} are in use",
-                    path.display()
-                ),
-            }));
-        };
+        if let Some(e) = corrupt {
+            return Err(e);
+        }
+        Err(Error::Capacity(match slot {
+            Some(s) => format!(
+                "slot {s} of the server at {} is in use by another client (pid {holder})",
+                path.display()
+            ),
+            None => format!(
+                "all {num_slots} slots of the server at {} are in use",
+                path.display()
+            ),
+        }))
+    }
+
+    /// Finish attaching to `slot`, whose lease this process has just taken: announce the
+    /// attach, wait for the server to reset the slot and acknowledge, and take over the
+    /// rings. The lease is given back on any error.
+    fn attach_slot(
+        region: &Arc<Region>,
+        slot: usize,
+        path: &Path,
+        server_pid: u32,
+        deadline: &Deadline,
+        interrupt: Interrupt<'_>,
+    ) -> Result<ShmClient> {
+        let me = std::process::id();
         let release_lease = || {
             let _ = region.slot_u32(slot, off::LEASE).compare_exchange(
                 me,
@@ -1590,28 +1709,31 @@ impl ShmClient {
                 path.display()
             )
         };
-        let r = Arc::clone(&region);
         let acked = wait_event(
             region.slot_event(slot, off::RESP_EVENT),
-            &deadline,
+            deadline,
             interrupt,
-            &mut || server_alive(&r, server_pid, &path),
+            &mut || server_alive(region, server_pid, path),
             &what,
-            &mut || Ok(r.slot_u32(slot, off::ACK_SEQ).load(Ordering::Acquire) == a),
+            &mut || Ok(region.slot_u32(slot, off::ACK_SEQ).load(Ordering::Acquire) == a),
         );
         if let Err(e) = acked {
             release_lease();
             return Err(e);
         }
-        // Free what the previous holders left: responses queued and never read, and buffers
-        // held by processes that are gone. Buffers held by live messages (of a client that
-        // closed while keeping them, possibly in this process) stay as they are.
+        // The server reset the slot before acknowledging. Free what a previous holder may
+        // still have left (a server of an older build does not reset): responses queued and
+        // never read, and buffers held by processes that are gone. Buffers held by live
+        // messages (of a client that closed while keeping them, possibly in this process)
+        // stay as they are.
         let resp_tail = region.tail(slot, true).load(Ordering::Acquire);
         let resp_head = region.head(slot, true).load(Ordering::Acquire);
         if resp_head < resp_tail || resp_head - resp_tail > region.geo.depth as u64 {
             release_lease();
             return Err(Error::Protocol(format!(
-                "the response ring of slot {slot} of {} is corrupt (tail {resp_tail}, head {resp_head})",
+                "the response ring of slot {slot} of {} is corrupt (tail {resp_tail}, head \
+                 {resp_head}), written by another process since the server reset it; the \
+                 server resets it again once no client holds it",
                 path.display()
             )));
         }
@@ -1631,8 +1753,8 @@ impl ShmClient {
         let req_head = region.head(slot, false).load(Ordering::Acquire);
         let limits = region.geo.limits;
         Ok(ShmClient {
-            path,
-            region: Some(region),
+            path: path.to_path_buf(),
+            region: Some(Arc::clone(region)),
             slot,
             limits,
             me,
@@ -1643,6 +1765,7 @@ impl ShmClient {
             outstanding: VecDeque::new(),
             abandoned_upto: 0,
             owner: Owner::here(),
+            live: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -1680,6 +1803,8 @@ impl ShmClient {
         let b = region.pop(self.slot, true, pos, self.me)?;
         let ptr = region.buf_ptr(self.slot, true, b);
         let decoded = decode_at(ptr, region.geo.capacity, &self.limits);
+        // Relaxed: a count for error messages only; the lease's drop takes it back.
+        self.live.fetch_add(1, Ordering::Relaxed);
         let lease = ShmLease {
             region: Arc::clone(region),
             slot: self.slot,
@@ -1687,6 +1812,7 @@ impl ShmClient {
             buf: b,
             ptr,
             len: decoded.as_ref().map(|d| d.0).unwrap_or(0),
+            live: Some(Arc::clone(&self.live)),
         };
         let (_, decoded) = decoded?;
         let msg = Message::shared(lease, decoded);
@@ -1702,6 +1828,49 @@ impl ShmClient {
         }
         take_answer(&mut self.outstanding, &m, &what)?;
         Ok(msg)
+    }
+
+    /// The error for a send with no response buffer left for its answer, true for this
+    /// client: which buffers its own requests and messages take, and which ones messages
+    /// of a previous client of the slot still pin (kept answers, of this process or
+    /// another), with what to do.
+    fn no_room(&self, region: &Region, held: usize) -> Error {
+        let depth = region.geo.depth;
+        let what = self.what();
+        let awaited = self.outstanding.len();
+        // Relaxed: a count for this message only.
+        let mine = self.live.load(Ordering::Relaxed).min(held);
+        let pinned = held - mine;
+        if pinned == 0 {
+            return Error::Capacity(format!(
+                "all {depth} response buffers of {what} are in use ({awaited} requests await \
+                 responses, {mine} buffers are held by this client's received messages still \
+                 alive); receive or drop messages first"
+            ));
+        }
+        let holders: Vec<u32> = (0..depth as u32)
+            .filter_map(|b| holder_of(region.state(self.slot, true, b).load(Ordering::Relaxed)))
+            .collect();
+        let mut by: Vec<String> = Vec::new();
+        if holders.iter().filter(|&&p| p == self.me).count() > mine {
+            by.push("this process".to_owned());
+        }
+        let mut others: Vec<u32> = holders.into_iter().filter(|&p| p != self.me).collect();
+        others.sort_unstable();
+        others.dedup();
+        by.extend(others.iter().map(|p| format!("process {p}")));
+        let by = if by.is_empty() {
+            "another process".to_owned()
+        } else {
+            by.join(" and ")
+        };
+        Error::Capacity(format!(
+            "all {depth} response buffers of {what} are in use: this client awaits {awaited} \
+             responses and this client's received messages hold {mine}; {pinned} are pinned \
+             by messages a previous client of this slot received and {by} still keeps alive \
+             (arrays or tensors viewing them); drop those, or close this client and connect \
+             without a slot id, which prefers a slot nothing pins"
+        ))
     }
 
     /// Make room for the answer to one more request: discard the answers to abandoned
@@ -1734,13 +1903,7 @@ impl ShmClient {
                 .filter(|&&id| id <= self.abandoned_upto)
                 .count();
             if abandoned == 0 {
-                return Err(Error::Capacity(format!(
-                    "all {depth} response buffers of {} are in use ({} requests await \
-                     responses, {held} buffers are held by received messages still alive); \
-                     receive or drop messages first",
-                    self.what(),
-                    self.outstanding.len()
-                )));
+                return Err(self.no_room(region, held));
             }
             // Wait for the late answers to arrive, then discard them.
             let what = self.what();
@@ -1976,14 +2139,18 @@ mod tests {
     use crate::transport::no_interrupt;
     use std::os::unix::fs::PermissionsExt;
 
-    const T: Option<Duration> = Some(Duration::from_secs(5));
+    pub(super) const T: Option<Duration> = Some(Duration::from_secs(5));
 
-    fn lim() -> Limits {
+    pub(super) fn lim() -> Limits {
         Limits::new(4, 4, 1 << 16).unwrap()
     }
 
     /// Attach from another thread while this one serves the acknowledgement.
-    fn attach(srv: &mut ShmServer, path: &Path, slot: Option<usize>) -> Result<ShmClient> {
+    pub(super) fn attach(
+        srv: &mut ShmServer,
+        path: &Path,
+        slot: Option<usize>,
+    ) -> Result<ShmClient> {
         let p = path.to_path_buf();
         let h = std::thread::spawn(move || ShmClient::attach(&p, slot, T, &mut no_interrupt()));
         while !h.is_finished() {
@@ -1995,7 +2162,7 @@ mod tests {
         h.join().unwrap()
     }
 
-    fn req(c: &mut ShmClient, tag: u32, data: &[u8]) -> u64 {
+    pub(super) fn req(c: &mut ShmClient, tag: u32, data: &[u8]) -> u64 {
         let shape = [data.len() as u64];
         let meta = Meta {
             app_tag: tag,
@@ -2010,7 +2177,7 @@ mod tests {
     }
 
     /// Answer every pending request of `slot` with its bytes incremented and its tag.
-    fn answer_all(srv: &mut ShmServer, slot: usize) -> usize {
+    pub(super) fn answer_all(srv: &mut ShmServer, slot: usize) -> usize {
         let mut n = 0;
         while let Some(m) = srv.recv(slot).unwrap() {
             assert!(m.is_shared());
