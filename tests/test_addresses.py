@@ -1,5 +1,6 @@
 """Addresses reach the server they name: a bare shared-memory name means /dev/shm/NAME
-everywhere, and paths are percent-encoded in addresses (control characters refused).
+everywhere, paths are percent-encoded in addresses (control characters refused), and a Unix
+socket path the kernel cannot address is refused when the server starts, not by every client.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from sensai import _core
 from sensai.transports import (
+    UnixSocketClient,
     connect,
     create_transport,
     format_address,
@@ -27,6 +29,8 @@ from transport_helpers import KINDS, ServerThread
 
 pytestmark = pytest.mark.timeout(60)
 
+# The longest path a Unix socket can have: sun_path holds 108 bytes with the final NUL.
+SUN_PATH_MAX = 107
 SMALL = {"max_nbytes": 4096}
 
 
@@ -184,3 +188,58 @@ def test_format_and_parse_round_trip(kind: str, path: str) -> None:
     assert parsed == (kind, _expected_path(kind, path, os.getcwd()))
     assert format_address(*parsed) == address
     assert parse_address(format_address(*parsed)) == parsed
+
+
+# --- item 6: the kernel's limit on a socket path --------------------------------------------
+
+
+def _long_dir(base: str, length: int) -> str:
+    """A directory under ``base`` whose path is ``length`` bytes long."""
+    d = os.path.join(base, "d" * (length - len(base) - 1))
+    os.mkdir(d)
+    assert len(d) == length
+    return d
+
+
+@pytest.mark.parametrize("extra", [0, 1, 100])
+def test_socket_path_over_the_limit_is_refused_at_start(short_tmp: str, extra: int) -> None:
+    # A long name in a short directory: the temporary socket's path is short enough to bind.
+    path = os.path.join(short_tmp, "s" * (SUN_PATH_MAX + extra - len(short_tmp)))
+    assert len(path) == SUN_PATH_MAX + 1 + extra  # 108, 109, 208 bytes
+    with pytest.raises(ValueError, match=rf"at most {SUN_PATH_MAX} bytes.* has {len(path)}"):
+        create_transport("unix_socket", path, **SMALL)
+    assert os.listdir(short_tmp) == []  # refused before anything was created, the lock included
+
+
+def test_relative_socket_path_whose_absolute_form_is_over_the_limit_is_refused(
+    short_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = _long_dir(short_tmp, 103)
+    monkeypatch.chdir(d)
+    with pytest.raises(ValueError, match=rf"at most {SUN_PATH_MAX} bytes.* has 110"):
+        create_transport("unix_socket", "s.sock", **SMALL)  # <103 bytes>/s.sock
+    assert os.listdir(d) == []
+
+
+@pytest.mark.parametrize("name", ["x.sock", "s", "s" * 40])
+def test_longest_socket_paths_serve(short_tmp: str, name: str) -> None:
+    """Paths up to the limit work although the temporary socket bound first, in a private
+    directory beside the path, has a longer path than the limit."""
+    d = _long_dir(short_tmp, SUN_PATH_MAX - 1 - len(name))
+    path = os.path.join(d, name)
+    assert len(path) == SUN_PATH_MAX
+    server, _ = create_transport("unix_socket", path, num_slots=1, **SMALL)
+    try:
+        with ServerThread(server, answer_with_id(6)):
+            assert who_answers(format_address("unix_socket", path)) == 6
+    finally:
+        server.close()
+    assert os.listdir(d) == []  # the temporary directory and the lock file are gone
+
+
+def test_client_of_a_socket_path_over_the_limit_says_why(short_tmp: str) -> None:
+    path = os.path.join(_long_dir(short_tmp, 100), "s" * 20)
+    with pytest.raises(ValueError, match=rf"at most {SUN_PATH_MAX} bytes.* has {len(path)}"):
+        UnixSocketClient(path, connect_timeout=5)
+    with pytest.raises(ValueError, match=rf"at most {SUN_PATH_MAX} bytes.* has {len(path)}"):
+        connect(format_address("unix_socket", path), connect_timeout=5)
