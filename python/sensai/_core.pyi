@@ -11,6 +11,9 @@ ERROR_CODES: dict[str, int]
 def dtype_names() -> list[str]:
     """The wire dtype names, in dtype-code order."""
 
+def shm_path(path: str) -> str:
+    """The file a shared-memory server at ``path`` creates: a bare name goes under /dev/shm."""
+
 class Message:
     """A received message; its arrays view the received buffer (no copy)."""
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import CapacityError, ClosedError, ProtocolError
 from .transports import connect, parse_address
+from .transports._endpoint import dense_tensor
 
 if TYPE_CHECKING:  # formats imports torch; a transport-only user never needs it
     from .formats import TeacherOutput
@@ -52,11 +53,9 @@ def _ids_array(x: Any, name: str) -> Any:
         import torch
 
         if isinstance(x, torch.Tensor):
-            if x.dtype.is_floating_point or x.dtype.is_complex:
-                raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
-            t = x.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
+            t = dense_tensor(x, name)
+            if t.dtype.is_floating_point or t.dtype.is_complex:
+                raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
             return t if t.dtype == torch.int64 else t.to(torch.int64)
     if isinstance(x, (list, tuple)):
         arr = np.asarray(x)

@@ -1279,6 +1279,12 @@ fn dtype_names() -> Vec<&'static str> {
     DType::ALL.iter().map(|d| d.name()).collect()
 }
 
+/// The file a shared-memory server at `path` creates: a bare name goes under /dev/shm.
+#[pyfunction]
+fn shm_path(path: std::ffi::OsString) -> std::ffi::OsString {
+    crate::transport::shm::resolve_path(std::path::Path::new(&path)).into_os_string()
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -1289,6 +1295,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyClient>()?;
     m.add_class::<PyReservation>()?;
     m.add_function(wrap_pyfunction!(dtype_names, m)?)?;
+    m.add_function(wrap_pyfunction!(shm_path, m)?)?;
     let codes = pyo3::types::PyDict::new(m.py());
     for (name, code) in [
         ("BAD_REQUEST", frame::error_code::BAD_REQUEST),

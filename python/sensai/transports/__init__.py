@@ -2,7 +2,8 @@
 
 ``create_transport(kind, ...)`` makes a server endpoint; ``connect(address)`` makes a
 client endpoint from an address such as ``shm:///dev/shm/sensai``,
-``unix:///tmp/sensai.sock`` or ``pipe:///tmp/sensai-pipes``.
+``unix:///tmp/sensai.sock`` or ``pipe:///tmp/sensai-pipes``: the server's absolute path,
+percent-encoded (a bare shared-memory name such as ``sensai`` means ``/dev/shm/sensai``).
 
 Threads: an endpoint serves one call at a time. While one thread blocks in it (a server's
 ``wait_any``, a client's ``read_tensor``/``request``), another thread or a signal handler may
@@ -15,8 +16,9 @@ from __future__ import annotations
 import os
 import tempfile
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
+from .. import _core
 from .named_pipe import NamedPipeClient, NamedPipeServer, NamedPipeTransport
 from .shared_memory import SharedMemoryClient, SharedMemoryServer, SharedMemoryTransport
 from .transport_abc import ClientMixin, Transport
@@ -97,24 +99,85 @@ def create_transport(
             v = kwargs.pop(alias)
             path = path or v
     path = str(path) if path else default_path(kind)
+    _check_path(path, f"cannot create a {kind} server at")
     num_slots = 1 if num_slots is None else int(num_slots)
     return _SERVERS[kind](path, num_slots, **kwargs), path
 
 
-def parse_address(address: str) -> tuple[str, str]:
-    """``"unix:///tmp/s.sock"`` -> ``("unix_socket", "/tmp/s.sock")``."""
-    u = urlparse(address)
-    if u.scheme not in _SCHEMES or u.netloc or not u.path:
+_FORMS = (
+    "shm:///dev/shm/name (or shm:name), unix:///path/to/socket or pipe:///path/to/dir, "
+    "with the path percent-encoded"
+)
+
+
+def _control_char(text: str) -> str | None:
+    """The first control character (C0, DEL or C1) in ``text``, if any."""
+    return next((c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F), None)
+
+
+def _check_path(path: str, what: str) -> None:
+    c = _control_char(path)
+    if c is not None:
         raise ValueError(
-            f"invalid address {address!r}: expected shm:///dev/shm/name, unix:///path/to/socket "
-            "or pipe:///path/to/dir"
+            f"{what} {path!r}: it holds the control character {c!r}; expected a path "
+            "without control characters (newline, tab, NUL...)"
         )
-    return _SCHEMES[u.scheme], u.path
+
+
+def _server_path(kind: str, path: str) -> str:
+    """The absolute path a server of ``kind`` given ``path`` listens on, as its core resolves
+    it: a bare shared-memory name goes under /dev/shm; a relative path is joined to the
+    working directory without collapsing ``..`` (the kernel follows symlinks first)."""
+    if kind == "shared_memory":
+        path = _core.shm_path(path)
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
+def parse_address(address: str) -> tuple[str, str]:
+    """``"unix:///tmp/s.sock"`` -> ``("unix_socket", "/tmp/s.sock")``; the path is
+    percent-decoded, and ``shm:name`` or ``shm:///dev/shm/name`` names ``/dev/shm/name``."""
+
+    def invalid(why: str) -> ValueError:
+        return ValueError(f"invalid address {address!r}: {why}; expected {_FORMS}")
+
+    c = _control_char(address)
+    if c is not None:
+        raise invalid(f"it holds the control character {c!r}")
+    scheme, colon, rest = address.partition(":")
+    if not colon or scheme not in _SCHEMES:
+        raise invalid(f"unknown scheme {scheme!r}")
+    if rest.startswith("//"):
+        host, slash, tail = rest[2:].partition("/")
+        if host:
+            raise invalid(f"{host!r} is a host, and servers are local (write three slashes)")
+        rest = slash + tail
+    if not rest:
+        raise invalid("no path")
+    for ch, code in (("?", "%3F"), ("#", "%23")):
+        if ch in rest:
+            raise invalid(
+                f"{ch!r} would start a query or fragment; percent-encode it as {code} in a path"
+            )
+    path = os.fsdecode(unquote_to_bytes(rest))
+    c = _control_char(path)
+    if c is not None:
+        raise invalid(f"its path {path!r} holds the control character {c!r}")
+    kind = _SCHEMES[scheme]
+    return kind, _server_path(kind, path)
 
 
 def format_address(kind: str, path: str) -> str:
     """The address a client passes to reach a server of ``kind`` at ``path``."""
-    return f"{_SCHEME_OF[kind]}://{os.path.abspath(path)}"
+    if kind not in _SCHEME_OF:
+        raise ValueError(
+            f"unknown transport kind {kind!r}; expected one of {', '.join(TRANSPORT_KINDS)}"
+        )
+    path = os.fspath(path)
+    if not path:
+        raise ValueError(f"cannot format a {kind} address: expected a path, got ''")
+    _check_path(path, f"cannot format a {kind} address for")
+    encoded = quote_from_bytes(os.fsencode(_server_path(kind, path)), safe="/")
+    return f"{_SCHEME_OF[kind]}://{encoded}"
 
 
 def connect(address: str, slot_id: int | None = None, **kwargs: Any):

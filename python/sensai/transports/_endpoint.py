@@ -44,6 +44,29 @@ def slot_count(num_slots: int | None, num_clients: int | None, default: int = 1)
     return default if n is None else int(n)
 
 
+ACCEPTED = "a numpy array or a dense, strided torch tensor on the CPU or a GPU"
+
+
+def dense_tensor(t: Any, what: str) -> Any:
+    """The torch tensor ``t`` detached and on the CPU; `TypeError` naming what is accepted
+    for one without dense, strided data (sparse or mkldnn layouts, nested, meta, quantized)."""
+    import torch
+
+    if t.is_nested:
+        got = "a nested tensor (pad it first: .to_padded_tensor(0))"
+    elif t.layout != torch.strided:
+        layout = str(t.layout).removeprefix("torch.")
+        got = f"a {layout} tensor (convert it first: .to_dense())"
+    elif t.is_meta:
+        got = "a tensor on the meta device (it holds no data)"
+    elif t.is_quantized:
+        got = f"a quantized {t.dtype} tensor (convert it first: .dequantize())"
+    else:
+        t = t.detach()
+        return t if t.device.type == "cpu" else t.cpu()
+    raise TypeError(f"{what}: expected {ACCEPTED}, got {got}")
+
+
 def _one_to_wire(x: Any, index: int) -> tuple[np.ndarray, str | None]:
     if type(x) is np.ndarray and x.flags.c_contiguous and x.dtype.byteorder != ">":
         return x, None  # the common case, sent as it is
@@ -56,9 +79,7 @@ def _one_to_wire(x: Any, index: int) -> tuple[np.ndarray, str | None]:
             raise TypeError(
                 f"tensor {index}: expected a numpy array or torch tensor, got {type(x).__name__}"
             )
-        t = x.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
+        t = dense_tensor(x, f"tensor {index}")
         if t.dtype == torch.bfloat16:
             words = t.contiguous().view(torch.int16).numpy().view(np.uint16)
             return np.asarray(words, order="C"), "bfloat16"

@@ -37,6 +37,29 @@ const MAX_PENDING: usize = 8;
 /// streaming, small enough that the bytes are still in cache when the client copies them.
 const SNDBUF: usize = 1 << 20;
 
+/// The longest path a Unix socket can be bound or connected at, in bytes: the kernel's
+/// `sun_path` holds 108, the last of them the terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// `Err` naming the limit and the length when `path` (as the kernel sees it) is too long.
+fn check_socket_path_len(what: &str, path: &Path, shown: &Path) -> Result<()> {
+    let n = path.as_os_str().len();
+    if n <= MAX_SOCKET_PATH {
+        return Ok(());
+    }
+    let form = if path == shown {
+        String::new()
+    } else {
+        format!(" (as an absolute path, {})", path.display())
+    };
+    Err(Error::InvalidArgument(format!(
+        "{what} {}: a Unix socket path may have at most {MAX_SOCKET_PATH} bytes (the kernel's \
+         sun_path holds 108 with the terminating NUL), and this one{form} has {n}; choose a \
+         shorter directory or name",
+        shown.display()
+    )))
+}
+
 fn lock_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".lock");
@@ -115,6 +138,39 @@ fn check_parent(path: &Path) -> Result<&Path> {
     }
 }
 
+/// Bind a listening socket at `sock`, a file of the private directory `dir`. The temporary
+/// path may be longer than the final one (its directory name is longer than many a socket's
+/// name) and so over [`MAX_SOCKET_PATH`] although the final path is not; then it is bound
+/// through `/proc/self/fd/<dir>`, a path of a few bytes that names the same directory.
+fn bind_in(dir: &Path, sock: &Path) -> std::io::Result<UnixListener> {
+    if sock.as_os_str().len() <= MAX_SOCKET_PATH {
+        return UnixListener::bind(sock);
+    }
+    let fd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::PATH
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let name = sock.file_name().unwrap_or_default();
+    let short = Path::new("/proc/self/fd")
+        .join(std::os::fd::AsRawFd::as_raw_fd(&fd).to_string())
+        .join(name);
+    UnixListener::bind(&short).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "its temporary path has {} bytes, over the kernel's limit of {MAX_SOCKET_PATH}, \
+                 and binding it as {} failed: {e}",
+                sock.as_os_str().len(),
+                short.display()
+            ),
+        )
+    })
+}
+
 impl UdsServer {
     /// Listen on `path` with `num_slots` client slots.
     pub fn bind(path: impl AsRef<Path>, num_slots: usize, limits: Limits) -> Result<UdsServer> {
@@ -124,6 +180,17 @@ impl UdsServer {
                 "num_slots must be in 1..=4096, got {num_slots}"
             )));
         }
+        // Clients reach the server by its absolute path (what an address names: the working
+        // directory joined to a relative path, nothing collapsed), so that is the one that
+        // must fit; refused before anything is created.
+        let absolute = if path.is_absolute() {
+            path.clone()
+        } else {
+            std::env::current_dir()
+                .at("cannot resolve", &path)?
+                .join(&path)
+        };
+        check_socket_path_len("cannot serve on", &absolute, &path)?;
         let parent = check_parent(&path)?.to_path_buf();
         let lock_p = lock_path(&path);
         let mut lock = LockFile::try_acquire(&lock_p, true)?.ok_or_else(|| {
@@ -186,7 +253,7 @@ impl UdsServer {
             .create(&tmpdir)
             .map_err(|e| Error::io(at_tmp("cannot create socket"), e))?;
         let result = (|| {
-            let listener = UnixListener::bind(&tmp_sock)
+            let listener = bind_in(&tmpdir, &tmp_sock)
                 .map_err(|e| Error::io(at_tmp("cannot create socket"), e))?;
             std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| Error::io(at_tmp("cannot set mode of socket"), e))?;
@@ -686,6 +753,7 @@ impl UdsClient {
         interrupt: Interrupt<'_>,
     ) -> Result<UdsClient> {
         let path = path.as_ref().to_path_buf();
+        check_socket_path_len("cannot connect to", &path, &path)?;
         let deadline = Deadline::after(connect_timeout);
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -961,5 +1029,49 @@ mod tests {
             },
             &[(0, 0, 0), (1, 1, 0), (2, 1, 1)],
         );
+    }
+
+    /// A directory under `base` whose path has `len` bytes.
+    fn dir_of_len(base: &Path, len: usize) -> PathBuf {
+        let n = len - base.as_os_str().len() - 1;
+        let d = base.join("d".repeat(n));
+        std::fs::create_dir(&d).unwrap();
+        assert_eq!(d.as_os_str().len(), len);
+        d
+    }
+
+    /// A path no client could connect to is refused before anything is created; one of
+    /// exactly the limit serves, although its temporary socket's path is longer.
+    #[test]
+    fn socket_path_length_limit() {
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let long = dir.path().join("s".repeat(MAX_SOCKET_PATH));
+        let e = UdsServer::bind(&long, 1, Limits::default()).err().unwrap();
+        let text = e.to_string();
+        assert!(text.contains("at most 107 bytes"), "{text}");
+        assert!(
+            text.contains(&format!("has {}", long.as_os_str().len())),
+            "{text}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let e = UdsClient::connect(&long, None, Some(Duration::ZERO), &mut no_interrupt())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("at most 107 bytes"), "{e}");
+
+        let d = dir_of_len(dir.path(), MAX_SOCKET_PATH - 2);
+        let p = d.join("s");
+        let mut srv = UdsServer::bind(&p, 1, Limits::default()).unwrap();
+        let p2 = p.clone();
+        let h = std::thread::spawn(move || {
+            UdsClient::connect(&p2, None, Some(Duration::from_secs(5)), &mut no_interrupt())
+                .map(|c| c.slot)
+        });
+        while !h.is_finished() {
+            srv.pump(Duration::from_millis(10)).unwrap();
+        }
+        assert_eq!(h.join().unwrap().unwrap(), 0);
+        srv.close();
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
     }
 }
