@@ -232,6 +232,8 @@ class Client:
             "temperature": float(info.get("temperature") or 1.0),
             "top_k": int(info.get("top_k") or 0),
             "top_p": float(info.get("top_p") or 1.0),
+            # a replayed counts-only store (sensai.store) answers without teacher log-probs
+            "has_logprobs": info.get("store_level") != "counts",
         }
 
     def get_teacher_logits(

@@ -14,6 +14,8 @@ __all__ = [
     "ClosedError",
     "BusyError",
     "ModelNotFoundError",
+    "StoreError",
+    "SequenceNotStoredError",
 ]
 
 _CODE_NAMES = {
@@ -92,3 +94,19 @@ class RemoteError(SensAIError):
 
     def __reduce__(self):  # keep picklable across DataLoader workers
         return (type(self), (self.code, self.message))
+
+
+class StoreError(SensAIError, ValueError):
+    """A teacher store (its manifest or a shard) is invalid, damaged or does not match what
+    the reader expects; the message names the file and what was wrong."""
+
+
+class SequenceNotStoredError(StoreError, LookupError):
+    """A replayed sequence is not in the store; ``key`` is its hash (the store's row key)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+    def __reduce__(self):  # keep picklable across DataLoader workers
+        return (type(self), (self.key, self.args[0]))
