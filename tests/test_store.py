@@ -317,3 +317,23 @@ def test_a_dead_writers_temporary_shard_is_ignored_and_removed(tiny_model_dir, s
     man = manifest_for(teacher, "lossless", model="tiny", revision=None, dataset={"hash": "x"})
     StoreWriter(store, man).close()
     assert not tmp.exists()
+
+
+def test_samples_per_epoch_and_set_epoch(tiny_model_dir, short_tmp):
+    teacher = _teacher(tiny_model_dir, "sampled")
+    seqs = _seqs(4, seed=6)
+    man = manifest_for(teacher, "lossless", model="tiny", revision=None, dataset={"hash": "x"},
+                       samples_per_epoch=3)  # fmt: skip
+    with StoreWriter(short_tmp, man) as w:
+        record_sequences(teacher, seqs, w, samples_per_epoch=3)
+        assert len(w) == 3 * len(seqs)
+    client = Client(f"store://{short_tmp}")
+    q = max(seqs, key=len)[None]
+    draws = []
+    for epoch in range(4):
+        client.set_epoch(epoch)
+        draws.append(client.get_teacher_logits(q).indices)
+    assert torch.equal(draws[3], draws[0])  # epoch mod 3
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    with pytest.raises(SequenceNotStoredError, match="sample set 1"):
+        StoreReader(short_tmp).row(sequence_key(np.arange(4)), sample_set=1)

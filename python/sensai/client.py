@@ -115,6 +115,7 @@ class Client:
         self._info: dict[str, Any] | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._epoch: int | None = None
 
     # -- connection ----------------------------------------------------------------
     def _ep(self) -> Any:
@@ -195,6 +196,12 @@ class Client:
         )
         return f"Client({self.address!r}, {state})"
 
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch: a replayed store recorded with K sample sets per sequence
+        answers from set ``epoch mod K`` (a live teacher draws fresh samples anyway). A
+        DataLoader worker gets the epoch its client had when the worker started."""
+        self._epoch = int(epoch)
+
     # -- requests ------------------------------------------------------------------
     def _timeout(self, timeout: Any) -> float | None:
         return self.timeout if timeout is _UNSET else timeout
@@ -271,6 +278,8 @@ class Client:
             tag, value = SEED_FLAG, seed
         self.info()  # the parameters to decode with (cached)
         ep = self._ep()
+        if self._epoch is not None and hasattr(ep, "set_epoch"):
+            ep.set_epoch(self._epoch)  # a replay endpoint (sensai.store)
         with self._lock:
             msg = ep.request_message(tensors, tag=tag, value=value, timeout=self._timeout(timeout))
         from .formats import TeacherOutput, format_name
