@@ -337,3 +337,74 @@ def test_samples_per_epoch_and_set_epoch(tiny_model_dir, short_tmp):
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
     with pytest.raises(SequenceNotStoredError, match="sample set 1"):
         StoreReader(short_tmp).row(sequence_key(np.arange(4)), sample_set=1)
+
+
+# --- sensai serve --record / --replay ------------------------------------------------------------
+
+
+class _Served:
+    """``teacher`` served by a TeacherService on a Unix socket in a thread."""
+
+    def __init__(self, teacher, directory: str) -> None:
+        import threading
+
+        from sensai.service import TeacherService
+        from sensai.transports import create_transport, format_address
+
+        self.transport, path = create_transport("unix_socket", os.path.join(directory, "s"), 2)
+        self.service = TeacherService(teacher, self.transport, poll_timeout=0.05)
+        self.thread = threading.Thread(target=self.service.serve_forever, daemon=True)
+        self.thread.start()
+        self.address = format_address("unix_socket", path)
+
+    def close(self) -> None:
+        self.service.stop()
+        self.thread.join(30)
+        self.transport.close()
+
+
+def _same_where_valid(a, b) -> bool:
+    """Equal masks, and byte-equal answers at the valid positions of right-padded rows (a
+    replay leaves masked positions empty; a live teacher computes something there)."""
+    if not torch.equal(a.mask, b.mask):
+        return False
+    for i in range(a.batch_size):
+        n = int(a.mask[i].sum())
+        pairs = zip(a.rows(i, i + 1, n).to_arrays(), b.rows(i, i + 1, n).to_arrays(), strict=True)
+        if not all(_same(x, y) for x, y in pairs):
+            return False
+    return True
+
+
+def test_serve_records_what_it_answers_and_replays_it(tiny_model_dir, short_tmp):
+    from sensai.errors import RemoteError
+    from sensai.store.serve import RecordingTeacher, ReplayTeacher
+
+    teacher = _teacher(tiny_model_dir, "compact")
+    store = os.path.join(short_tmp, "store")
+    man = manifest_for(teacher, "lossless", model="tiny", revision=None, dataset={})
+    writer = StoreWriter(store, man)
+    live = _Served(RecordingTeacher(teacher, writer), short_tmp)
+    ids = np.stack([np.arange(9) + 5, np.arange(9) + 40])
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0  # right-padded: the sequence is its first 6 tokens
+    try:
+        with Client(live.address) as c:
+            got = c.get_teacher_logits(ids, mask)
+            single = c.get_teacher_logits(ids[:1, :7])
+    finally:
+        live.close()
+        writer.close()
+    assert len(StoreReader(store)) == 3
+    replayed = Client(f"store://{store}")
+    for inputs, answer in (((ids, mask), got), ((ids[:1, :7], None), single)):
+        assert _same_where_valid(replayed.get_teacher_logits(*inputs), answer)
+    served = _Served(ReplayTeacher(StoreReader(store)), os.path.join(short_tmp))
+    try:
+        with Client(served.address) as c:
+            assert c.info()["store_level"] == "lossless"
+            assert _same_where_valid(c.get_teacher_logits(ids, mask), got)
+            with pytest.raises(RemoteError, match=sequence_key(np.arange(3))):
+                c.get_teacher_logits(np.arange(3)[None])
+    finally:
+        served.close()

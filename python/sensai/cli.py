@@ -244,6 +244,47 @@ def load_cli_teacher(kw: dict[str, Any]) -> Any:
         raise click.ClickException(f"cannot load the teacher: {e}") from None
 
 
+def _model_name(kw: dict[str, Any], teacher: Any) -> str:
+    reader = getattr(teacher, "reader", None)  # a replayed store names its teacher
+    if reader is not None:
+        return str(reader.manifest["teacher"]["model"])
+    return kw["model"] or "SmolLM2-135M-Instruct (embedded)"
+
+
+def _serve_teacher(kw: dict[str, Any], replay: str | None, record_dir: str | None) -> Any:
+    """``(teacher, store writer or None)`` for ``sensai serve`` with --replay / --record."""
+    if replay is not None and record_dir is not None:
+        raise click.UsageError("give --replay or --record, not both")
+    if replay is None and record_dir is None:
+        return load_cli_teacher(kw), None
+    from .errors import SensAIError
+
+    try:
+        from .store import StoreReader, StoreWriter
+        from .store.record import manifest_for, model_revision
+        from .store.serve import RecordingTeacher, ReplayTeacher
+    except ImportError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        if replay is not None:
+            return ReplayTeacher(StoreReader(replay)), None
+        from .teacher import resolve_model
+
+        resolved = resolve_model(kw["model"])
+        teacher = load_cli_teacher(kw)
+        manifest = manifest_for(
+            teacher,
+            "lossless",
+            model=_model_name(kw, teacher),
+            revision=model_revision(resolved.path) if resolved.kind != "hub" else None,
+            dataset={"source": "sensai serve --record"},
+        )
+        writer = StoreWriter(record_dir, manifest)  # type: ignore[arg-type]
+    except SensAIError as e:
+        raise click.ClickException(str(e)) from None
+    return RecordingTeacher(teacher, writer), writer
+
+
 def run_serve(**kw: Any) -> None:
     """``sensai serve``: validate, open the transport, load the teacher, serve until signalled."""
     _check_flags(kw)
@@ -262,6 +303,8 @@ def run_serve(**kw: Any) -> None:
     if max_nbytes is not None:
         limits["max_nbytes"] = max_nbytes
     kind = kw["transport"]
+    replay, record_dir = kw.pop("replay", None), kw.pop("record", None)
+    writer: Any = None
     stopping = threading.Event()
     service: Any = None
 
@@ -281,14 +324,14 @@ def run_serve(**kw: Any) -> None:
     try:
         from .service import TeacherService
 
-        teacher = load_cli_teacher(kw)
+        teacher, writer = _serve_teacher(kw, replay, record_dir)
         service = TeacherService(
             teacher,
             transport,
             kw["max_batch_tokens"],
             default_seed=kw["seed"],
             batch_wait=kw["batch_wait_ms"] / 1e3,
-            model_name=kw["model"] or "SmolLM2-135M-Instruct (embedded)",
+            model_name=_model_name(kw, teacher),
         )
         if stopping.is_set():
             return
@@ -305,6 +348,8 @@ def run_serve(**kw: Any) -> None:
         service.serve_forever()
     finally:
         transport.close()
+        if writer is not None:
+            writer.close()  # publish the last recorded shard
         for s, h in old.items():
             signal.signal(s, h)
     log.info("stopped; removed %s", path)
@@ -312,6 +357,16 @@ def run_serve(**kw: Any) -> None:
 
 @cli.command("serve")
 @serve_options
+@click.option(
+    "--replay",
+    default=None,
+    help="Answer from the store in this folder (sensai record) instead of running a model.",
+)
+@click.option(
+    "--record",
+    default=None,
+    help="Also record every answer into the store in this folder (lossless level).",
+)
 def serve(**kw: Any) -> None:
     """Serve a teacher model. Prints the address to pass to sensai.Client when ready."""
     run_serve(**kw)
