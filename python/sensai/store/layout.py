@@ -1,5 +1,5 @@
 """The columns of a store shard, per format and level, and the conversions between one
-sequence's `TeacherOutput` and one Parquet row (see docs/STORE.md for the layout).
+sequence's `TeacherOutput` and one Parquet row (README, "Offline distillation", lists them).
 
 A row holds the teacher's answer for one sequence of ``num_tokens`` ids: ``num_positions``
 positions, each valid (a recorded answer has no padded positions). Position j is the teacher's
