@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 
 import click
 
-__all__ = ["main", "cli", "serve", "info"]
+__all__ = ["main", "cli", "serve", "info", "record"]
 
 log = logging.getLogger("sensai.cli")
 
@@ -219,6 +220,71 @@ def _check_flags(kw: dict[str, Any]) -> None:
             raise click.UsageError(f"{flag} is for --transport {kind}, not {kw['transport']}")
 
 
+def load_cli_teacher(kw: dict[str, Any]) -> Any:
+    """The `TeacherLogitsServer` the teacher flags describe (--threads applied first)."""
+    import torch
+
+    from .errors import SensAIError
+    from .logits_server import TeacherLogitsServer
+
+    if kw["threads"] is not None:
+        torch.set_num_threads(kw["threads"])
+    try:
+        return TeacherLogitsServer(
+            kw["model"],
+            device=kw["device"],
+            num_samples=kw["num_samples"],
+            temperature=kw["temperature"],
+            top_p=kw["top_p"],
+            top_k=kw["top_k"],
+            output_format=kw["output_format"],
+            topk=kw["topk"],
+        )
+    except (SensAIError, ValueError, OSError) as e:
+        raise click.ClickException(f"cannot load the teacher: {e}") from None
+
+
+def _model_name(kw: dict[str, Any], teacher: Any) -> str:
+    reader = getattr(teacher, "reader", None)  # a replayed store names its teacher
+    if reader is not None:
+        return str(reader.manifest["teacher"]["model"])
+    return kw["model"] or "SmolLM2-135M-Instruct (embedded)"
+
+
+def _serve_teacher(kw: dict[str, Any], replay: str | None, record_dir: str | None) -> Any:
+    """``(teacher, store writer or None)`` for ``sensai serve`` with --replay / --record."""
+    if replay is not None and record_dir is not None:
+        raise click.UsageError("give --replay or --record, not both")
+    if replay is None and record_dir is None:
+        return load_cli_teacher(kw), None
+    from .errors import SensAIError
+
+    try:
+        from .store import StoreReader, StoreWriter
+        from .store.record import manifest_for, model_revision
+        from .store.serve import RecordingTeacher, ReplayTeacher
+    except ImportError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        if replay is not None:
+            return ReplayTeacher(StoreReader(replay)), None
+        from .teacher import resolve_model
+
+        resolved = resolve_model(kw["model"])
+        teacher = load_cli_teacher(kw)
+        manifest = manifest_for(
+            teacher,
+            "lossless",
+            model=_model_name(kw, teacher),
+            revision=model_revision(resolved.path) if resolved.kind != "hub" else None,
+            dataset={"source": "sensai serve --record"},
+        )
+        writer = StoreWriter(record_dir, manifest)  # type: ignore[arg-type]
+    except SensAIError as e:
+        raise click.ClickException(str(e)) from None
+    return RecordingTeacher(teacher, writer), writer
+
+
 def run_serve(**kw: Any) -> None:
     """``sensai serve``: validate, open the transport, load the teacher, serve until signalled."""
     _check_flags(kw)
@@ -237,6 +303,8 @@ def run_serve(**kw: Any) -> None:
     if max_nbytes is not None:
         limits["max_nbytes"] = max_nbytes
     kind = kw["transport"]
+    replay, record_dir = kw.pop("replay", None), kw.pop("record", None)
+    writer: Any = None
     stopping = threading.Event()
     service: Any = None
 
@@ -254,34 +322,16 @@ def run_serve(**kw: Any) -> None:
         raise click.ClickException(f"cannot open the {kind} transport: {e}") from None
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        import torch
-
-        from .logits_server import TeacherLogitsServer
         from .service import TeacherService
 
-        if kw["threads"] is not None:
-            torch.set_num_threads(kw["threads"])
-
-        try:
-            teacher = TeacherLogitsServer(
-                kw["model"],
-                device=kw["device"],
-                num_samples=kw["num_samples"],
-                temperature=kw["temperature"],
-                top_p=kw["top_p"],
-                top_k=kw["top_k"],
-                output_format=kw["output_format"],
-                topk=kw["topk"],
-            )
-        except (SensAIError, ValueError, OSError) as e:
-            raise click.ClickException(f"cannot load the teacher: {e}") from None
+        teacher, writer = _serve_teacher(kw, replay, record_dir)
         service = TeacherService(
             teacher,
             transport,
             kw["max_batch_tokens"],
             default_seed=kw["seed"],
             batch_wait=kw["batch_wait_ms"] / 1e3,
-            model_name=kw["model"] or "SmolLM2-135M-Instruct (embedded)",
+            model_name=_model_name(kw, teacher),
         )
         if stopping.is_set():
             return
@@ -298,6 +348,8 @@ def run_serve(**kw: Any) -> None:
         service.serve_forever()
     finally:
         transport.close()
+        if writer is not None:
+            writer.close()  # publish the last recorded shard
         for s, h in old.items():
             signal.signal(s, h)
     log.info("stopped; removed %s", path)
@@ -305,6 +357,16 @@ def run_serve(**kw: Any) -> None:
 
 @cli.command("serve")
 @serve_options
+@click.option(
+    "--replay",
+    default=None,
+    help="Answer from the store in this folder (sensai record) instead of running a model.",
+)
+@click.option(
+    "--record",
+    default=None,
+    help="Also record every answer into the store in this folder (lossless level).",
+)
 def serve(**kw: Any) -> None:
     """Serve a teacher model. Prints the address to pass to sensai.Client when ready."""
     run_serve(**kw)
@@ -343,6 +405,117 @@ def info(address: str, timeout: float) -> None:
     finally:
         client.close()
     click.echo(json.dumps(config, indent=2))
+
+
+# The flags of `sensai serve` that `sensai record` shares: what the teacher is and how it samples.
+_RECORD_SHARED = (
+    "model", "device", "num_samples", "temperature", "top_p", "top_k", "output_format", "topk",
+    "max_batch_tokens", "threads", "seed", "log_level",
+)  # fmt: skip
+
+
+def record_options(f: Any) -> Any:
+    """`serve_options`' teacher and sampling flags, the same definitions (defaults, checks)."""
+    params = serve_options(lambda **kw: None).__click_params__
+    if not hasattr(f, "__click_params__"):
+        f.__click_params__ = []
+    f.__click_params__.extend(p for p in params if p.name in _RECORD_SHARED)
+    return f
+
+
+@cli.command("record")
+@click.option("--data", required=True, help="Token ids: a .jsonl or .parquet file, a folder of "
+              "them, or a `datasets` folder (save_to_disk).")  # fmt: skip
+@click.option("--out", "out_dir", required=True, help="The store's folder (created; resumed).")
+@click.option("--column", default="input_ids", show_default=True, help="Column of token ids.")
+@click.option("--text-column", default=None, help="A text column, encoded by the teacher's "
+              "tokenizer (instead of --column).")  # fmt: skip
+@click.option(
+    "--level",
+    type=click.Choice(["lossless", "fp16", "counts"]),
+    default="lossless",
+    show_default=True,
+    help="lossless: the format's tensors as sent; fp16: compact/topk with float16 log-probs; "
+    "counts: compact tokens and counts only (T = 1 sampled KD gradient, no log-probs).",
+)
+@click.option(
+    "--samples-per-epoch",
+    type=click.IntRange(1, 1024),
+    default=1,
+    show_default=True,
+    help="Independent sample sets per sequence (a replay's set_epoch picks one).",
+)
+@click.option("--rows-per-shard", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--progress/--no-progress", default=True, help="A tqdm progress bar on stderr.")
+@record_options
+def record(**kw: Any) -> None:
+    """Record a teacher's answers over a tokenised dataset into a store (resumable)."""
+    _check_flags({**kw, "max_elems": None, "max_nbytes": None, "transport": None,
+                  **{name: None for name in _PATH_FLAG.values()}})  # fmt: skip
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, kw["log_level"].upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from .errors import SensAIError
+
+    try:
+        from .store import StoreWriter, dataset_hash
+        from .store.record import (
+            count_sequences,
+            manifest_for,
+            model_revision,
+            read_sequences,
+            record_sequences,
+        )
+    except ImportError as e:
+        raise click.ClickException(str(e)) from None
+    from .teacher import resolve_model
+
+    try:
+        resolved = resolve_model(kw["model"])
+        data_hash = dataset_hash(kw["data"])
+        total = count_sequences(kw["data"])
+    except (SensAIError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    teacher = load_cli_teacher(kw)
+    from tqdm import tqdm
+
+    try:
+        manifest = manifest_for(
+            teacher,
+            kw["level"],
+            model=kw["model"] or "SmolLM2-135M-Instruct (embedded)",
+            revision=model_revision(resolved.path) if resolved.kind != "hub" else None,
+            dataset={"path": str(kw["data"]), "hash": data_hash},
+            samples_per_epoch=kw["samples_per_epoch"],
+        )
+        with StoreWriter(kw["out_dir"], manifest, rows_per_shard=kw["rows_per_shard"]) as w:
+            held = len(w)
+            bar = tqdm(total=total, unit="seq", disable=not kw["progress"], file=sys.stderr)
+            seqs = read_sequences(
+                kw["data"],
+                kw["column"],
+                text_column=kw["text_column"],
+                tokenizer=teacher.tokenizer,
+                vocab_size=teacher.vocab_size,
+            )
+            try:
+                n = record_sequences(
+                    teacher,
+                    seqs,
+                    w,
+                    max_batch_tokens=kw["max_batch_tokens"],
+                    samples_per_epoch=kw["samples_per_epoch"],
+                    seed=kw["seed"],
+                    progress=bar.update,
+                )
+            finally:
+                bar.close()
+    except SensAIError as e:
+        raise click.ClickException(str(e)) from None
+    log.info("recorded %d sequences into %s (%d rows were there)", n, kw["out_dir"], held)
+    click.echo(f"store://{os.path.abspath(kw['out_dir'])}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -118,6 +118,7 @@ class Client:
         self._info: dict[str, Any] | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._epoch: int | None = None
 
     # -- connection ----------------------------------------------------------------
     def _ep(self) -> Any:
@@ -204,6 +205,12 @@ class Client:
         )
         return f"Client({self.address!r}, {state})"
 
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch: a replayed store recorded with K sample sets per sequence
+        answers from set ``epoch mod K`` (a live teacher draws fresh samples anyway). A
+        DataLoader worker gets the epoch its client had when the worker started."""
+        self._epoch = int(epoch)
+
     # -- requests ------------------------------------------------------------------
     def _timeout(self, timeout: Any) -> float | None:
         return self.timeout if timeout is _UNSET else timeout
@@ -241,6 +248,8 @@ class Client:
             "temperature": float(info.get("temperature") or 1.0),
             "top_k": int(info.get("top_k") or 0),
             "top_p": float(info.get("top_p") or 1.0),
+            # a replayed counts-only store (sensai.store) answers without teacher log-probs
+            "has_logprobs": info.get("store_level") != "counts",
         }
 
     def get_teacher_logits(
@@ -278,6 +287,8 @@ class Client:
             tag, value = SEED_FLAG, seed
         self.info()  # the parameters to decode with (cached)
         ep = self._ep()
+        if self._epoch is not None and hasattr(ep, "set_epoch"):
+            ep.set_epoch(self._epoch)  # a replay endpoint (sensai.store)
         with self._lock:
             msg = ep.request_message(tensors, tag=tag, value=value, timeout=self._timeout(timeout))
         from .formats import TeacherOutput, format_name

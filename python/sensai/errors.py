@@ -15,6 +15,8 @@ __all__ = [
     "BusyError",
     "ForkError",
     "ModelNotFoundError",
+    "StoreError",
+    "SequenceNotStoredError",
 ]
 
 _CODE_NAMES = {
@@ -102,3 +104,19 @@ class RemoteError(SensAIError):
 
     def __reduce__(self):  # keep picklable across DataLoader workers
         return (type(self), (self.code, self.message))
+
+
+class StoreError(SensAIError, ValueError):
+    """A teacher store (its manifest or a shard) is invalid, damaged or does not match what
+    the reader expects; the message names the file and what was wrong."""
+
+
+class SequenceNotStoredError(StoreError, LookupError):
+    """A replayed sequence is not in the store; ``key`` is its hash (the store's row key)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+    def __reduce__(self):  # keep picklable across DataLoader workers
+        return (type(self), (self.key, self.args[0]))

@@ -64,7 +64,10 @@ class TeacherOutput:
     """The teacher's answer for one batch, in one of the formats (see the module doc).
 
     Fields a format does not use are None. ``temperature``, ``top_k`` and ``top_p`` describe
-    the distribution the samples were drawn from.
+    the distribution the samples were drawn from. ``has_logprobs`` False marks an answer
+    replayed from a counts-only store: it carries sampled tokens and their counts but no
+    teacher log-probs or log-partitions (those tensors hold NaN), so `teacher_logprobs` and
+    `sampled_logprobs` raise.
     """
 
     format: str
@@ -85,6 +88,7 @@ class TeacherOutput:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    has_logprobs: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -222,10 +226,19 @@ class TeacherOutput:
                 kw[f.name] = v.pin_memory()
         return replace(self, **kw)
 
+    def _need_logprobs(self, what: str) -> None:
+        if not self.has_logprobs:
+            raise ValueError(
+                f"{what}: this answer comes from a counts-only store, which keeps the sampled "
+                "tokens and their counts but not the teacher's log-probs (record with level "
+                "'fp16' or 'lossless' to keep them)"
+            )
+
     def teacher_logprobs(self) -> torch.Tensor:
         """Exact log-probabilities under the untempered teacher of the tokens this output
         carries: [B, S, N] for sampled, [B, S, k] for topk, [T] for compact, [B, S, V] for
         full (a log-softmax), [nnz] for coo."""
+        self._need_logprobs("teacher_logprobs")
         f = self.format
         if f == "full":
             return torch.log_softmax(self.logits.float(), dim=-1)  # type: ignore[union-attr]
@@ -239,6 +252,7 @@ class TeacherOutput:
     def sampled_logprobs(self) -> torch.Tensor:
         """Log-probabilities, under the distribution the samples were drawn from (tempered
         and masked), of the tokens a sampled format carries."""
+        self._need_logprobs("sampled_logprobs")
         t = float(self.temperature)
         f = self.format
         if f == "sampled":

@@ -191,6 +191,8 @@ class TeacherService:
             "max_batch_tokens": self.max_batch_tokens,
             "batch_wait_ms": self.batch_wait * 1e3,
             "threads": torch.get_num_threads(),
+            # a teacher that answers from a store (sensai.store) says which and how
+            **(t.extra_info() if callable(getattr(t, "extra_info", None)) else {}),
         }
 
     def _info_answer(self) -> tuple[str, int, Any]:

@@ -177,8 +177,7 @@ def wrap_collate_function(
         input_ids = out["input_ids"]
         if not _is_tensor(input_ids):
             raise ValueError(
-                "input_ids must be numpy array or torch tensor, got "
-                f"{type(input_ids).__name__}."
+                f"input_ids must be numpy array or torch tensor, got {type(input_ids).__name__}."
             )
         if any(k in out for k in (attr, f"{attr}_indices", f"{attr}_format", f"{attr}_output")):
             return out

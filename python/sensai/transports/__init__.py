@@ -42,6 +42,7 @@ __all__ = [
     "parse_address",
     "format_address",
     "connect",
+    "register_scheme",
 ]
 
 _SERVERS = {
@@ -57,6 +58,19 @@ _CLIENTS = {
 _SCHEMES = {"shm": "shared_memory", "unix": "unix_socket", "pipe": "named_pipe"}
 _SCHEME_OF = {v: k for k, v in _SCHEMES.items()}
 TRANSPORT_KINDS = tuple(_SERVERS)
+# Address schemes answered by other parts of SensAI (or by plugins), imported only when an
+# address uses them: scheme -> a callable or "module:function", called as
+# ``f(address, slot_id, **kwargs)`` and returning a client endpoint.
+_EXTERNAL: dict[str, Any] = {"store": "sensai.store.replay:connect"}
+
+
+def register_scheme(scheme: str, target: Any) -> None:
+    """Make ``scheme://...`` addresses reach ``target`` (a callable, or ``"module:function"``
+    imported on first use): ``target(address, slot_id, **kwargs)`` returns a client endpoint
+    (``request_message``, ``server_alive``, ``close``, ``slot_id``)."""
+    if scheme in _SCHEMES:
+        raise ValueError(f"the {scheme}:// scheme is a built-in transport")
+    _EXTERNAL[scheme] = target
 
 
 def default_path(kind: str) -> str:
@@ -144,6 +158,11 @@ def parse_address(address: str) -> tuple[str, str]:
     if c is not None:
         raise invalid(f"it holds the control character {c!r}")
     scheme, colon, rest = address.partition(":")
+    if colon and scheme in _EXTERNAL:  # its own syntax, parsed by its own connect
+        path = rest[2:].split("?", 1)[0] if rest.startswith("//") else ""
+        if not path:
+            raise invalid(f"no path after {scheme}://")
+        return scheme, path
     if not colon or scheme not in _SCHEMES:
         raise invalid(f"unknown scheme {scheme!r}")
     if rest.startswith("//"):
@@ -183,4 +202,12 @@ def format_address(kind: str, path: str) -> str:
 def connect(address: str, slot_id: int | None = None, **kwargs: Any):
     """A client endpoint for ``address`` (see :func:`parse_address`)."""
     kind, path = parse_address(address)
+    if kind in _EXTERNAL:
+        target = _EXTERNAL[kind]
+        if isinstance(target, str):
+            import importlib
+
+            module, _, name = target.partition(":")
+            target = getattr(importlib.import_module(module), name)
+        return target(address, slot_id, **kwargs)
     return _CLIENTS[kind](path, slot_id, **kwargs)

@@ -1,0 +1,410 @@
+"""sensai.store: record answers of the tiny teacher, replay them exactly, refuse what is wrong."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if os.environ.get("CI") == "true":
+    import pyarrow  # noqa: F401  - CI installs the store extra: a missing pyarrow fails
+else:
+    pytest.importorskip("pyarrow")
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sensai import Client, wrap_collate_function
+from sensai.errors import SequenceNotStoredError, StoreError
+from sensai.store import StoreReader, StoreWriter, list_shards, sequence_key
+from sensai.store.reader import shard_schema
+from sensai.store.record import _answer_rows, manifest_for, record_sequences
+
+VOCAB = 320
+
+
+def _seqs(n: int = 12, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, size=int(rng.integers(1, 24))) for _ in range(n)]
+
+
+def _teacher(model_dir: str, fmt: str, num_samples: int = 16):
+    from sensai.logits_server import TeacherLogitsServer
+
+    return TeacherLogitsServer(
+        model_dir, device="cpu", num_samples=num_samples, output_format=fmt, topk=8
+    )
+
+
+def _record(teacher, seqs, directory, level="lossless", rows_per_shard=5):
+    """Record ``seqs`` and return the one-row outputs written, by key."""
+    man = manifest_for(teacher, level, model="tiny", revision=None, dataset={"hash": "x"})
+    written = {}
+    with StoreWriter(directory, man, rows_per_shard=rows_per_shard) as w:
+        for q, row in zip(seqs, _answer_rows(teacher, seqs, seed=1), strict=True):
+            if w.add(sequence_key(q), int(q.size), row):
+                written[sequence_key(q)] = row
+    return written
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", ["sampled", "compact", "topk", "coo", "full"])
+def test_lossless_replay_is_byte_exact(tiny_model_dir, short_tmp, fmt):
+    teacher = _teacher(tiny_model_dir, fmt)
+    seqs = _seqs()
+    written = _record(teacher, seqs, short_tmp)
+    assert len(list_shards(short_tmp)) >= 2  # several shards, published whole
+    client = Client(f"store://{short_tmp}")
+    assert client.info()["output_format"] == fmt and client.info()["vocab_size"] == VOCAB
+    for q in seqs:
+        out = client.get_teacher_logits(q[None])
+        want = written[sequence_key(q)].rows(0, 1, max(q.size - 1, 1))
+        got, exp = out.to_arrays(), want.to_arrays()
+        assert len(got) == len(exp)
+        for g, e in zip(got, exp, strict=True):
+            assert _same(g, e), (fmt, g.dtype, e.dtype, g.shape, e.shape)
+
+
+@pytest.mark.parametrize("fmt", ["sampled", "compact", "coo"])
+def test_padded_batches_place_each_sequence(tiny_model_dir, short_tmp, fmt):
+    """Right and left padding: each row's recorded positions land where a live teacher puts
+    them (position j of the row after its j-th real token), the rest is masked out."""
+    teacher = _teacher(tiny_model_dir, fmt)
+    seqs = [np.arange(5) + 7, np.arange(9) + 30, np.arange(2) + 100]
+    written = _record(teacher, seqs, short_tmp)
+    reader = StoreReader(short_tmp)
+    s = 10
+    ids = np.zeros((3, s), dtype=np.int64)
+    right, left = np.zeros_like(ids), np.zeros_like(ids)
+    for i, q in enumerate(seqs):
+        ids[i, : q.size] = q
+        right[i, : q.size] = 1
+    out = reader.get(ids, right)
+    assert out.mask.tolist() == right[:, : s - 1].astype(bool).tolist()
+    for i, q in enumerate(seqs):
+        n = q.size  # the distribution after the last token was recorded too
+        got = out.rows(i, i + 1, n).to_arrays()[:-1]
+        exp = written[sequence_key(q)].rows(0, 1, n).to_arrays()[:-1]
+        assert all(_same(g, e) for g, e in zip(got, exp, strict=True))
+    lids = np.zeros_like(ids)
+    for i, q in enumerate(seqs):
+        lids[i, s - q.size :] = q
+        left[i, s - q.size :] = 1
+    lout = reader.get(lids, left)
+    assert lout.mask.tolist() == left[:, : s - 1].astype(bool).tolist()
+    if fmt == "sampled":
+        q = seqs[1]
+        exp = written[sequence_key(q)]
+        assert torch.equal(lout.indices[1, s - q.size :], exp.indices[0, : q.size - 1])
+
+
+def test_fp16_level_within_float16_rounding(tiny_model_dir, short_tmp):
+    for fmt in ("compact", "topk"):
+        teacher = _teacher(tiny_model_dir, fmt)
+        seqs = _seqs(6, seed=3)
+        d = os.path.join(short_tmp, fmt)
+        written = _record(teacher, seqs, d, level="fp16")
+        reader = StoreReader(d)
+        assert reader.level == "fp16"
+        for q in seqs:
+            out = reader.get(q)
+            want = written[sequence_key(q)].rows(0, 1, max(q.size - 1, 1))
+            names = ("offsets", "tokens", "counts") if fmt == "compact" else ("indices",)
+            for name in (*names, "logz_sampled", "logz_full", "mask"):
+                assert _same(getattr(out, name), getattr(want, name)), name
+            assert out.logprobs.dtype == torch.float32
+            exp16 = want.logprobs.to(torch.float16).to(torch.float32)
+            assert torch.equal(out.logprobs, exp16)  # exactly float16 rounding, no worse
+            assert torch.allclose(out.logprobs, want.logprobs, rtol=2**-10, atol=1e-6)
+
+
+def test_counts_level_keeps_counts_and_refuses_logprobs(tiny_model_dir, short_tmp):
+    teacher = _teacher(tiny_model_dir, "compact", num_samples=64)
+    seqs = _seqs(6, seed=4)
+    written = _record(teacher, seqs, short_tmp, level="counts")
+    client = Client(f"store://{short_tmp}")
+    q = seqs[0]
+    out = client.get_teacher_logits(q[None])
+    want = written[sequence_key(q)].rows(0, 1, max(q.size - 1, 1))
+    for name in ("offsets", "tokens", "counts", "mask"):
+        assert _same(getattr(out, name), getattr(want, name)), name
+    assert not out.has_logprobs
+    with pytest.raises(ValueError, match="counts-only store"):
+        out.teacher_logprobs()
+    with pytest.raises(ValueError, match="counts-only store"):
+        out.sampled_logprobs()
+
+
+def test_counts_level_needs_compact_and_at_most_256_samples(tiny_model_dir, short_tmp):
+    with pytest.raises(StoreError, match="compact"):
+        manifest_for(_teacher(tiny_model_dir, "sampled"), "counts", model="t", revision=None,
+                     dataset=None)  # fmt: skip
+    with pytest.raises(StoreError, match="256"):
+        manifest_for(_teacher(tiny_model_dir, "compact", 300), "counts", model="t",
+                     revision=None, dataset=None)  # fmt: skip
+
+
+def test_a_store_that_does_not_match_is_refused(tiny_model_dir, short_tmp):
+    teacher = _teacher(tiny_model_dir, "compact")
+    _record(teacher, _seqs(3), short_tmp)
+    with pytest.raises(StoreError, match="vocab_size 320, expected 999"):
+        StoreReader(short_tmp, vocab_size=999)
+    with pytest.raises(StoreError, match="format 'compact', expected 'topk'"):
+        Client(f"store://{short_tmp}?format=topk").info()
+    with pytest.raises(StoreError, match="tokenizer fingerprint"):
+        Client(f"store://{short_tmp}?tokenizer=abc").info()
+    Client(f"store://{short_tmp}?vocab_size=320&format=compact").info()  # what it is: fine
+    # a writer with another teacher configuration refuses to add to it
+    other = manifest_for(_teacher(tiny_model_dir, "compact", 32), "lossless", model="tiny",
+                         revision=None, dataset={"hash": "x"})  # fmt: skip
+    with pytest.raises(StoreError, match="different recording"):
+        StoreWriter(short_tmp, other)
+
+
+def test_missing_sequence_names_its_hash(tiny_model_dir, short_tmp):
+    _record(_teacher(tiny_model_dir, "sampled"), _seqs(3), short_tmp)
+    q = np.arange(11) + 3
+    with pytest.raises(SequenceNotStoredError, match=sequence_key(q)) as e:
+        Client(f"store://{short_tmp}").get_teacher_logits(q[None])
+    assert e.value.key == sequence_key(q)
+
+
+def test_resume_adds_only_what_is_missing(tiny_model_dir, short_tmp):
+    teacher = _teacher(tiny_model_dir, "compact")
+    seqs = _seqs(10, seed=5)
+    man = manifest_for(teacher, "lossless", model="tiny", revision=None, dataset={"hash": "x"})
+    with StoreWriter(short_tmp, man, rows_per_shard=3) as w:
+        assert record_sequences(teacher, seqs[:6], w, max_batch_tokens=64) == 6
+    with StoreWriter(short_tmp, man, rows_per_shard=3) as w:
+        assert len(w) == 6
+        assert record_sequences(teacher, seqs, w, max_batch_tokens=64) == 4
+    reader = StoreReader(short_tmp)
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in list_shards(short_tmp))
+    assert total == len(reader) == len({sequence_key(q) for q in seqs})
+
+
+def test_collate_wrapper_replays_from_the_store(tiny_model_dir, short_tmp):
+    seqs = [np.arange(6) + 1, np.arange(4) + 50]
+    _record(_teacher(tiny_model_dir, "compact"), seqs, short_tmp)
+
+    def collate(batch):
+        s = max(len(x) for x in batch)
+        ids = torch.zeros(len(batch), s, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(batch):
+            ids[i, : len(x)] = torch.as_tensor(x)
+            mask[i, : len(x)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    wrapped = wrap_collate_function(collate, Client(f"store://{short_tmp}"), num_retries=1)
+    batch = wrapped(seqs)
+    out = batch["teacher_logits_output"]
+    assert (
+        out.format == "compact" and out.mask.sum().item() == 5 + 4
+    )  # S - 1, and all 4 of the padded row
+
+
+def test_client_does_not_import_the_store_until_used():
+    code = (
+        "import sys, sensai\n"
+        "c = sensai.Client('store:///nonexistent')\n"
+        "assert 'sensai.store' not in sys.modules and 'pyarrow' not in sys.modules\n"
+        "try:\n    c.info()\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("StoreError") and "no manifest.json" in r.stdout
+
+
+# --- hostile shards ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tiny_model_dir, short_tmp) -> Path:
+    _record(_teacher(tiny_model_dir, "compact"), _seqs(6), short_tmp, rows_per_shard=100)
+    return Path(short_tmp)
+
+
+def _plant(store: Path, table: pa.Table, name: str = "shard-zz-hostile.parquet") -> Path:
+    path = store / name
+    pq.write_table(table, path)
+    return path
+
+
+def test_truncated_shard_is_refused(store):
+    shard = list_shards(store)[0]
+    blob = shard.read_bytes()
+    shard.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(StoreError, match="truncated"):
+        StoreReader(store)
+
+
+def test_shard_declaring_a_huge_footer_is_refused(store):
+    shard = list_shards(store)[0]
+    blob = bytearray(shard.read_bytes())
+    blob[-8:-4] = (2**31 - 1).to_bytes(4, "little")
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(StoreError, match="footer"):
+        StoreReader(store)
+
+
+def test_shard_with_wrong_types_is_refused(store):
+    good = pq.read_table(list_shards(store)[0])
+    bad = good.set_column(
+        good.schema.get_field_index("tokens"),
+        "tokens",
+        pa.array([[float(x) for x in r] for r in good.column("tokens").to_pylist()]),
+    )
+    _plant(store, bad)
+    with pytest.raises(StoreError, match="tokens"):
+        StoreReader(store)
+
+
+def test_row_declaring_huge_lengths_is_refused(store):
+    good = pq.read_table(list_shards(store)[0])
+    schema = shard_schema("compact", "lossless", 16)
+    key = sequence_key(np.arange(3))
+    row = {name: good.column(name).slice(0, 1).to_pylist() for name in good.column_names}
+    row.update(key=[key], num_tokens=[2**30], num_positions=[2**30])
+    _plant(store, pa.Table.from_pydict(row, schema=schema))
+    reader = StoreReader(store)
+    with pytest.raises(StoreError, match="positions declared"):
+        reader.row(key)
+    row.update(num_tokens=[3], num_positions=[3])  # lists too short for 3 positions
+    _plant(
+        store, pa.Table.from_pydict({**row, "key": [key + "x"]}, schema=schema), "shard-zz2.parquet"
+    )
+    reader.refresh()
+    with pytest.raises(StoreError, match="values"):
+        reader.row(key + "x")
+
+
+def test_out_of_vocabulary_tokens_and_nulls_are_refused(store):
+    good = pq.read_table(list_shards(store)[0])
+    schema = shard_schema("compact", "lossless", 16)
+    row = {name: good.column(name).slice(0, 1).to_pylist() for name in good.column_names}
+    row["tokens"] = [[VOCAB + 5] * len(row["tokens"][0])]
+    row["key"] = ["k-oov"]
+    _plant(store, pa.Table.from_pydict(row, schema=schema))
+    reader = StoreReader(store)
+    with pytest.raises(StoreError, match="outside the vocabulary"):
+        reader.row("k-oov")
+    nulls = dict(row, key=["k-null"], logprobs=[None])
+    _plant(store, pa.Table.from_pydict(nulls, schema=schema), "shard-zz3.parquet")
+    reader.refresh()
+    with pytest.raises(StoreError, match="null"):
+        reader.row("k-null")
+
+
+def test_column_chunks_over_the_limit_are_refused_before_reading(store):
+    with pytest.raises(StoreError, match="max_row_group_bytes"):
+        StoreReader(store, max_row_group_bytes=64)
+
+
+def test_a_dead_writers_temporary_shard_is_ignored_and_removed(tiny_model_dir, store):
+    tmp = store / ".tmp-shard-999999999-dead-shard-x.parquet"
+    tmp.write_bytes(b"PAR1 half a shard")
+    assert len(StoreReader(store)) == 6  # readers never look at temporary files
+    teacher = _teacher(tiny_model_dir, "compact")
+    man = manifest_for(teacher, "lossless", model="tiny", revision=None, dataset={"hash": "x"})
+    StoreWriter(store, man).close()
+    assert not tmp.exists()
+
+
+def test_samples_per_epoch_and_set_epoch(tiny_model_dir, short_tmp):
+    teacher = _teacher(tiny_model_dir, "sampled")
+    seqs = _seqs(4, seed=6)
+    man = manifest_for(teacher, "lossless", model="tiny", revision=None, dataset={"hash": "x"},
+                       samples_per_epoch=3)  # fmt: skip
+    with StoreWriter(short_tmp, man) as w:
+        record_sequences(teacher, seqs, w, samples_per_epoch=3)
+        assert len(w) == 3 * len(seqs)
+    client = Client(f"store://{short_tmp}")
+    q = max(seqs, key=len)[None]
+    draws = []
+    for epoch in range(4):
+        client.set_epoch(epoch)
+        draws.append(client.get_teacher_logits(q).indices)
+    assert torch.equal(draws[3], draws[0])  # epoch mod 3
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    with pytest.raises(SequenceNotStoredError, match="sample set 1"):
+        StoreReader(short_tmp).row(sequence_key(np.arange(4)), sample_set=1)
+
+
+# --- sensai serve --record / --replay ------------------------------------------------------------
+
+
+class _Served:
+    """``teacher`` served by a TeacherService on a Unix socket in a thread."""
+
+    def __init__(self, teacher, directory: str) -> None:
+        import threading
+
+        from sensai.service import TeacherService
+        from sensai.transports import create_transport, format_address
+
+        self.transport, path = create_transport("unix_socket", os.path.join(directory, "s"), 2)
+        self.service = TeacherService(teacher, self.transport, poll_timeout=0.05)
+        self.thread = threading.Thread(target=self.service.serve_forever, daemon=True)
+        self.thread.start()
+        self.address = format_address("unix_socket", path)
+
+    def close(self) -> None:
+        self.service.stop()
+        self.thread.join(30)
+        self.transport.close()
+
+
+def _same_where_valid(a, b) -> bool:
+    """Equal masks, and byte-equal answers at the valid positions of right-padded rows (a
+    replay leaves masked positions empty; a live teacher computes something there)."""
+    if not torch.equal(a.mask, b.mask):
+        return False
+    for i in range(a.batch_size):
+        n = int(a.mask[i].sum())
+        pairs = zip(a.rows(i, i + 1, n).to_arrays(), b.rows(i, i + 1, n).to_arrays(), strict=True)
+        if not all(_same(x, y) for x, y in pairs):
+            return False
+    return True
+
+
+def test_serve_records_what_it_answers_and_replays_it(tiny_model_dir, short_tmp):
+    from sensai.errors import RemoteError
+    from sensai.store.serve import RecordingTeacher, ReplayTeacher
+
+    teacher = _teacher(tiny_model_dir, "compact")
+    store = os.path.join(short_tmp, "store")
+    man = manifest_for(teacher, "lossless", model="tiny", revision=None, dataset={})
+    writer = StoreWriter(store, man)
+    live = _Served(RecordingTeacher(teacher, writer), short_tmp)
+    ids = np.stack([np.arange(9) + 5, np.arange(9) + 40])
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0  # right-padded: the sequence is its first 6 tokens
+    try:
+        with Client(live.address) as c:
+            got = c.get_teacher_logits(ids, mask)
+            single = c.get_teacher_logits(ids[:1, :7])
+    finally:
+        live.close()
+        writer.close()
+    assert len(StoreReader(store)) == 3
+    replayed = Client(f"store://{store}")
+    for inputs, answer in (((ids, mask), got), ((ids[:1, :7], None), single)):
+        assert _same_where_valid(replayed.get_teacher_logits(*inputs), answer)
+    served = _Served(ReplayTeacher(StoreReader(store)), os.path.join(short_tmp))
+    try:
+        with Client(served.address) as c:
+            assert c.info()["store_level"] == "lossless"
+            assert _same_where_valid(c.get_teacher_logits(ids, mask), got)
+            with pytest.raises(RemoteError, match=sequence_key(np.arange(3))):
+                c.get_teacher_logits(np.arange(3)[None])
+    finally:
+        served.close()
