@@ -407,4 +407,5 @@ class SeedTransport:
             from . import default_path  # the package imports this module first
 
             path = default_path(self._kind)
-        super().__init__(str(path if path is not None else alias), *args, **kwargs)
+        # A mixin listed before a server class: the next __init__ is the server's.
+        super().__init__(str(path if path is not None else alias), *args, **kwargs)  # type: ignore[call-arg]
