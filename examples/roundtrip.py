@@ -2,9 +2,9 @@
 
     python examples/roundtrip.py [--transport unix_socket|named_pipe|all] [--requests N]
 
-The server doubles every tensor it receives (a stand-in for the teacher, which a later
-release plugs in here). The client sends a batch shaped like a training batch and checks
-the answer, then reports the round-trip times.
+The server doubles every tensor it receives (a stand-in for the teacher;
+examples/teacher_roundtrip.py serves the real one). The client sends a batch shaped like a
+training batch and checks the answer, then reports the round-trip times.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 
 Starts `sensai serve` (SmolLM2-135M-Instruct, converted and cached on first use), connects a
 `sensai.Client` to the address it prints, asks for the teacher's answer in the compact format,
-prints for each position the tokens the teacher sampled most often with their probabilities,
-and stops the server (which removes its files).
+prints for each position the most probable of the tokens the teacher sampled, with their
+probabilities, and stops the server (which removes its files).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def main() -> None:
         tokens = ids[0].tolist()
         for p in range(out.num_positions):
             sel = pos == p
-            counts, toks, lp = out.counts[sel], out.tokens[sel], logprobs[sel]
-            top = torch.argsort(counts, descending=True)[:3]
+            toks, lp = out.tokens[sel], logprobs[sel]
+            top = torch.argsort(lp, descending=True)[:3]  # the most probable sampled tokens
             guesses = ", ".join(
                 f"{tokenizer.decode([int(toks[i])])!r} {float(lp[i].exp()):.2f}" for i in top
             )

@@ -50,6 +50,7 @@ def test_demo_distils_and_reports(tiny_model_dir: str, short_tmp: str) -> None:
     assert (out / "curves.png").stat().st_size > 1000
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["train_kl"]) == 4 and metrics["eval_step"] == [0, 2, 4]
+    assert metrics["args"]["steps"] == 4 and isinstance(metrics["args"]["out"], str)
     assert all(e["kl"] > 0 and e["ce"] > 0 for e in metrics["eval"])
     assert not os.path.exists(shm), "the server left its shared-memory file behind"
 

@@ -496,7 +496,8 @@ def train(args, address: str, started: float) -> int:
     print(f"  cross-entropy, nats/token      {before['ce']:7.3f}    {after['ce']:7.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     plot(history, args.out / "curves.png")
-    metrics = {"args": {k: str(v) for k, v in vars(args).items()}, **history}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    metrics = {"args": settings, **history}  # numbers stay numbers
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(
         f"curves: {args.out / 'curves.png'}; metrics: {args.out / 'metrics.json'}; "
