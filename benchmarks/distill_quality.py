@@ -52,9 +52,8 @@ from tqdm import tqdm
 
 from sensai import Client, wrap_collate_function
 from sensai.formats import build_output
-from sensai.logits_server import TeacherLogitsServer
 from sensai.losses import full_kd_loss, sampled_kd_loss, teacher_from_batch, topk_kd_loss
-from sensai.teacher import load_tokenizer
+from sensai.teacher import TeacherLogitsServer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("ce", "sampled", "full", "topk")

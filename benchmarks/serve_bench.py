@@ -160,7 +160,7 @@ def save_random_model(path: str) -> str:
 
 def bench_in_process(args: argparse.Namespace) -> tuple[dict[str, Any], torch.Tensor]:
     """Load the teacher, tokenize the input and time ``compute`` over the timed batches."""
-    from sensai.logits_server import TeacherLogitsServer
+    from sensai.teacher import TeacherLogitsServer
 
     teacher = TeacherLogitsServer(
         args.model, device=args.device, num_samples=args.num_samples, output_format="sampled"

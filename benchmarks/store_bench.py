@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from teacher_bench import text_token_ids  # noqa: E402
 
-from sensai.logits_server import TeacherLogitsServer  # noqa: E402
 from sensai.store import StoreReader, StoreWriter, sequence_key  # noqa: E402
 from sensai.store.record import _answer_rows, manifest_for  # noqa: E402
+from sensai.teacher import TeacherLogitsServer  # noqa: E402
 
 ARMS = [("compact", "lossless"), ("compact", "fp16"), ("compact", "counts"),
         ("topk", "lossless"), ("topk", "fp16")]  # fmt: skip

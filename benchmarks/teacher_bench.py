@@ -59,7 +59,7 @@ import torch
 
 from sensai import sampling
 from sensai.formats import FORMATS, TeacherOutput, build_output
-from sensai.logits_server import TeacherLogitsServer
+from sensai.teacher import TeacherLogitsServer
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_ARMS = ("forward", "forward+head")

@@ -63,6 +63,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_teacher(tiny_model_dir: str):
     """A fresh ``TeacherLogitsServer`` on the CPU over the tiny model (loads in well under 1 s):
     num_samples 16, temperature 1, no masks."""
-    from sensai.logits_server import TeacherLogitsServer
+    from sensai.teacher import TeacherLogitsServer
 
     return TeacherLogitsServer(tiny_model_dir, device="cpu", num_samples=16)

@@ -45,7 +45,7 @@ RSS_LIMIT = 20 << 20
 _DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32, np.uint8, np.int8]
 
 MP = multiprocessing.get_context("forkserver")
-MP.set_forkserver_preload(["numpy", "torch", "sensai", "sensai.logits_server", "soak_helpers"])
+MP.set_forkserver_preload(["numpy", "torch", "sensai", "sensai.teacher", "soak_helpers"])
 
 
 def proc_fds(pid: int) -> int:
@@ -101,8 +101,8 @@ def _serve(kind: str, mode: str, path: str, model_dir: str | None, ready: Any) -
         transport, path = create_transport(kind, path, num_slots=NUM_CLIENTS, max_nbytes=MAX_NBYTES)
         server: Any = SensAIServer(transport)
     else:
-        from sensai.logits_server import TeacherLogitsServer
-        from sensai.service import TeacherService
+        from sensai.serving.batching import TeacherService
+        from sensai.teacher import TeacherLogitsServer
 
         # `sensai serve`'s limits (a sampled answer has 5 tensors; shared memory's default
         # max_tensors is 4).
@@ -206,7 +206,7 @@ def teacher_pool(model_dir: str, seed: int = 0) -> list[tuple[np.ndarray, np.nda
     """Requests (ids, mask, seed) of mixed shapes and the in-process teacher's answers."""
     import torch
 
-    from sensai.logits_server import TeacherLogitsServer
+    from sensai.teacher import TeacherLogitsServer
 
     teacher = TeacherLogitsServer(model_dir, device="cpu", num_samples=NUM_SAMPLES)
     rng = np.random.default_rng(seed)
@@ -284,7 +284,7 @@ def client_main(
     ("done", ...) at the end, then staying connected until ``close_now`` is set."""
     from sensai.errors import SensAIError
     from sensai.formats import FORMAT_TAGS
-    from sensai.service import SEED_FLAG
+    from sensai.serving.batching import SEED_FLAG
     from sensai.transports import connect
 
     rng = np.random.default_rng([seed, index])

@@ -35,7 +35,7 @@ from sensai.errors import (
     ProtocolError,
     RemoteError,
 )
-from sensai.service import TeacherService
+from sensai.serving.batching import TeacherService
 from sensai.transports import connect, create_transport, format_address, parse_address
 from shm_raw import ShmFile
 from transport_helpers import KINDS, ServerThread, answer_with, double, make_client, make_server
@@ -311,7 +311,7 @@ TEACHER_ROWS: list[tuple[str, list[np.ndarray], str]] = [
 
 @pytest.fixture(scope="module")
 def teacher(tiny_model_dir: str) -> Any:
-    from sensai.logits_server import TeacherLogitsServer
+    from sensai.teacher import TeacherLogitsServer
 
     return TeacherLogitsServer(tiny_model_dir, device="cpu", num_samples=16)
 

@@ -22,7 +22,7 @@ import torch
 from sensai import _core
 from sensai.errors import RemoteError
 from sensai.formats import FORMAT_TAGS, TeacherOutput
-from sensai.service import INFO_TAG, SEED_FLAG, TeacherService
+from sensai.serving.batching import INFO_TAG, SEED_FLAG, TeacherService
 from sensai.transports import connect
 
 pytestmark = pytest.mark.timeout(60)
@@ -131,7 +131,7 @@ class TestServed:
         assert info["num_samples"] == NUM_SAMPLES
         assert info["temperature"] == 1.0 and info["top_k"] == 0 and info["top_p"] == 1.0
         assert info["topk"] == 64 and info["max_batch_tokens"] == 16384
-        from sensai.service import DEFAULT_BATCH_WAIT
+        from sensai.serving.batching import DEFAULT_BATCH_WAIT
 
         assert info["batch_wait_ms"] == DEFAULT_BATCH_WAIT * 1e3  # the CLI's default
         assert info["threads"] == 1  # --threads 1
@@ -218,14 +218,14 @@ def test_bad_flags_exit_before_loading_a_model(
 ) -> None:
     from click.testing import CliRunner
 
-    import sensai.logits_server
+    import sensai.teacher.model
     import sensai.transports
     from sensai.cli import cli
 
     def must_not_run(*a: Any, **k: Any) -> None:
         raise AssertionError("reached model loading / transport creation")
 
-    monkeypatch.setattr(sensai.logits_server, "TeacherLogitsServer", must_not_run)
+    monkeypatch.setattr(sensai.teacher.model, "TeacherLogitsServer", must_not_run)
     monkeypatch.setattr(sensai.transports, "create_transport", must_not_run)
     out = CliRunner().invoke(cli, ["serve", "--model", "/nonexistent/model", *args])
     assert out.exit_code == 2, out.output
@@ -279,7 +279,7 @@ class _FakeTransport:
 
 @pytest.fixture
 def full_teacher(tiny_model_dir: str):
-    from sensai.logits_server import TeacherLogitsServer
+    from sensai.teacher import TeacherLogitsServer
 
     return TeacherLogitsServer(tiny_model_dir, device="cpu", num_samples=16, output_format="full")
 
@@ -331,7 +331,7 @@ def test_batches_respect_max_batch_tokens_and_answer_in_order(full_teacher: Any)
 def test_every_format_batches_and_each_answer_is_its_own(tiny_model_dir: str, fmt: str) -> None:
     """Three unseeded requests (different lengths, one padded) in one forward: each answer has
     its request's shape and mask, its own teacher probabilities and N samples per position."""
-    from sensai.logits_server import TeacherLogitsServer
+    from sensai.teacher import TeacherLogitsServer
 
     teacher = TeacherLogitsServer(
         tiny_model_dir, device="cpu", num_samples=16, output_format=fmt, topk=8

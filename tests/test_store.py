@@ -34,7 +34,7 @@ def _seqs(n: int = 12, seed: int = 0) -> list[np.ndarray]:
 
 
 def _teacher(model_dir: str, fmt: str, num_samples: int = 16):
-    from sensai.logits_server import TeacherLogitsServer
+    from sensai.teacher import TeacherLogitsServer
 
     return TeacherLogitsServer(
         model_dir, device="cpu", num_samples=num_samples, output_format=fmt, topk=8
@@ -348,7 +348,7 @@ class _Served:
     def __init__(self, teacher, directory: str) -> None:
         import threading
 
-        from sensai.service import TeacherService
+        from sensai.serving.batching import TeacherService
         from sensai.transports import create_transport, format_address
 
         self.transport, path = create_transport("unix_socket", os.path.join(directory, "s"), 2)

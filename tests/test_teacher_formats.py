@@ -77,7 +77,7 @@ def test_compact_is_smaller_than_the_seed_layout(tiny_teacher) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_compute_answers_in_the_chosen_format(tiny_model_dir: str, fmt: str) -> None:
-    from sensai.logits_server import TeacherLogitsServer
+    from sensai.teacher import TeacherLogitsServer
 
     teacher = TeacherLogitsServer(
         tiny_model_dir, device="cpu", num_samples=16, output_format=fmt, topk=8, chunk_size=5
@@ -90,7 +90,7 @@ def test_compute_answers_in_the_chosen_format(tiny_model_dir: str, fmt: str) -> 
 
 
 def test_compute_refuses_bad_formats(tiny_model_dir: str) -> None:
-    from sensai.logits_server import TeacherLogitsServer
+    from sensai.teacher import TeacherLogitsServer
 
     with pytest.raises(ValueError, match="output_format must be one of"):
         TeacherLogitsServer(tiny_model_dir, device="cpu", output_format="dense")

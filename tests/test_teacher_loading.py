@@ -1,5 +1,5 @@
-"""Loading the teacher (sensai.teacher) and TeacherLogitsServer's logits, sampling shapes and
-input validation (sensai.logits_server), on the tiny random model from tests/tiny_model.py.
+"""Loading the teacher (sensai.teacher.load) and TeacherLogitsServer's logits, sampling shapes and
+input validation (sensai.teacher.model), on the tiny random model from tests/tiny_model.py.
 
 One slow test loads the embedded SmolLM2-135M-Instruct.
 """
@@ -15,18 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from sensai import teacher as teacher_mod
 from sensai.errors import SensAIError
-from sensai.logits_server import TeacherLogitsServer, process_logits_request
 from sensai.teacher import (
     EMBEDDED_INSTALL_COMMAND,
     ModelNotFoundError,
+    TeacherLogitsServer,
     load_teacher,
     load_tokenizer,
+    process_logits_request,
     resolve_device,
     resolve_dtype,
     resolve_model,
 )
+from sensai.teacher import load as teacher_mod
 
 V = 320  # tiny_model.TINY_VOCAB
 CONTEXT = 64  # tiny_model.TINY_CONTEXT
@@ -413,7 +414,7 @@ def test_process_logits_request_failure_indicator(
         [np.zeros((1, 3), dtype=np.int64)] * 3,
     ):
         caplog.clear()
-        with caplog.at_level(logging.ERROR, logger="sensai.logits_server"):
+        with caplog.at_level(logging.ERROR, logger="sensai.teacher.model"):
             out = process_logits_request(tiny_teacher, bad)
         assert len(out) == 2 and all(np.array_equal(x, np.array([-1])) for x in out)
         assert any("bad logits request" in r.getMessage() for r in caplog.records)

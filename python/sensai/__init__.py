@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _core
 from .client import Client, SensAIClient
+from .collate import wrap_collate_function
 from .errors import (
     AddressInUseError,
     CapacityError,
@@ -24,7 +25,7 @@ from .errors import (
     SensAIError,
     TransportTimeout,
 )
-from .server import SensAIServer
+from .serving.loop import SensAIServer
 from .transports import (
     NamedPipeClient,
     NamedPipeServer,
@@ -36,11 +37,10 @@ from .transports import (
     connect,
     create_transport,
 )
-from .utils import wrap_collate_function
 
 if TYPE_CHECKING:
     from .formats import TeacherOutput
-    from .logits_server import TeacherLogitsServer
+    from .teacher.model import TeacherLogitsServer
 
 __version__ = _core.__version__
 PROTOCOL_VERSION = _core.PROTOCOL_VERSION
@@ -84,7 +84,7 @@ def __getattr__(name: str) -> Any:
 
         return TeacherOutput
     if name == "TeacherLogitsServer":
-        from .logits_server import TeacherLogitsServer
+        from .teacher.model import TeacherLogitsServer
 
         return TeacherLogitsServer
     raise AttributeError(f"module 'sensai' has no attribute {name!r}")

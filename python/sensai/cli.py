@@ -225,7 +225,7 @@ def load_cli_teacher(kw: dict[str, Any]) -> Any:
     import torch
 
     from .errors import SensAIError
-    from .logits_server import TeacherLogitsServer
+    from .teacher.model import TeacherLogitsServer
 
     if kw["threads"] is not None:
         torch.set_num_threads(kw["threads"])
@@ -268,7 +268,7 @@ def _serve_teacher(kw: dict[str, Any], replay: str | None, record_dir: str | Non
     try:
         if replay is not None:
             return ReplayTeacher(StoreReader(replay)), None
-        from .teacher import resolve_model
+        from .teacher.load import resolve_model
 
         resolved = resolve_model(kw["model"])
         teacher = load_cli_teacher(kw)
@@ -322,7 +322,7 @@ def run_serve(**kw: Any) -> None:
         raise click.ClickException(f"cannot open the {kind} transport: {e}") from None
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        from .service import TeacherService
+        from .serving.batching import TeacherService
 
         teacher, writer = _serve_teacher(kw, replay, record_dir)
         service = TeacherService(
@@ -384,7 +384,7 @@ def serve(**kw: Any) -> None:
 def info(address: str, timeout: float) -> None:
     """Print the configuration of the server at ADDRESS (e.g. shm:///dev/shm/sensai-123)."""
     from .errors import SensAIError
-    from .service import INFO_TAG
+    from .serving.batching import INFO_TAG
     from .transports import connect
 
     try:
@@ -470,7 +470,7 @@ def record(**kw: Any) -> None:
         )
     except ImportError as e:
         raise click.ClickException(str(e)) from None
-    from .teacher import resolve_model
+    from .teacher.load import resolve_model
 
     try:
         resolved = resolve_model(kw["model"])
@@ -521,6 +521,15 @@ def record(**kw: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     """The ``sensai`` console script."""
     cli.main(args=argv, prog_name="sensai")
+
+
+def serve_main(argv: list[str] | None = None, prog_name: str = "sensai serve") -> None:
+    """``sensai serve`` as a standalone command (``python -m sensai.logits_server``)."""
+    command = click.command(
+        help="Serve a teacher model (the same flags as `sensai serve`). Prints the address "
+        "to pass to sensai.Client when ready."
+    )(serve_options(run_serve))
+    command.main(args=argv, prog_name=prog_name)
 
 
 if __name__ == "__main__":

@@ -60,9 +60,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _core
-from ._core import ERROR_CODES
-from .errors import CapacityError, PeerGoneError, SensAIError, TransportTimeout
+from .. import _core
+from .._core import ERROR_CODES
+from ..errors import CapacityError, PeerGoneError, SensAIError, TransportTimeout
 
 __all__ = [
     "BATCH_WAIT_SHARE",
@@ -74,7 +74,7 @@ __all__ = [
     "TeacherService",
 ]
 
-log = logging.getLogger("sensai.service")
+log = logging.getLogger("sensai.serving")
 
 #: Tag of the INFO control request and of its reply.
 INFO_TAG = 0x1001
@@ -175,7 +175,7 @@ class TeacherService:
         """The configuration INFO returns."""
         t = self.teacher
         fmt = t.output_format
-        from .formats import FORMAT_TAGS
+        from ..formats import FORMAT_TAGS
 
         return {
             "model": self.model_name,

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import ModelNotFoundError
+from ..errors import ModelNotFoundError
 
 __all__ = [
     "EMBEDDED_ALIAS",
