@@ -377,9 +377,11 @@ def test_dataloader_workers_each_get_answers(teacher: FakeTeacher) -> None:
 
 
 def test_wrapper_warns_and_continues_when_server_is_gone(kind: str, short_tmp: str) -> None:
+    """``on_error="skip"``: the batch comes back without the teacher's answer (a `Client`
+    raises by default: tests/test_collate.py)."""
     t = FakeTeacher(kind, _path(kind, short_tmp))
     c = Client(t.address, timeout=5, connect_timeout=0.5)
-    collate = wrap_collate_function(_collate, c, num_retries=2, retry_delay=0.01)
+    collate = wrap_collate_function(_collate, c, num_retries=2, retry_delay=0.01, on_error="skip")
     assert "teacher_logits_indices" in collate(_items())
     t.stop()
     with pytest.warns(RuntimeWarning) as rec:

@@ -80,6 +80,7 @@ def test_trainer_distils_from_a_live_server(tiny_model_dir, tiny_teacher, tmp_pa
         logged = [h for h in trainer.state.log_history if "kd_loss" in h]
         assert len(logged) == 3, trainer.state.log_history
         assert all("ce_loss" in h and h["kd_loss"] > 0 for h in logged)
+        assert all(h["teacher_share"] == 1.0 for h in logged)
         assert logged[-1]["kd_loss"] < logged[0]["kd_loss"]
         kl_after = _held_out_kl(student.eval(), tiny_teacher, held_out)
         assert kl_after < 0.85 * kl_before, (kl_before, kl_after)
@@ -95,6 +96,7 @@ def test_trainer_without_a_teacher_answer_trains_on_cross_entropy(tmp_path) -> N
         output_dir=str(tmp_path),
         max_steps=2,
         per_device_train_batch_size=2,
+        logging_steps=1,
         report_to=[],
         save_strategy="no",
         use_cpu=True,
@@ -105,6 +107,8 @@ def test_trainer_without_a_teacher_answer_trains_on_cross_entropy(tmp_path) -> N
     )
     with pytest.warns(RuntimeWarning, match="holds no teacher answer"):
         trainer.train()
+    shares = [h["teacher_share"] for h in trainer.state.log_history if "teacher_share" in h]
+    assert shares and all(s == 0.0 for s in shares), trainer.state.log_history
 
 
 def test_bad_trainer_options_are_refused(tmp_path) -> None:

@@ -28,6 +28,7 @@ import pytest
 
 import fault_helpers as fh
 from sensai.errors import RoleError, SensAIError
+from sensai.transports._endpoint import DEFAULT_MAX_TENSORS
 from test_bad_input_matrix import RawSession, encode, error_of, good_request, put, split
 from transport_helpers import (
     MP,
@@ -507,7 +508,9 @@ def test_hostile_sizes_in_a_header_allocate_nothing(kind: str, path: str, procs:
         for _ in range(3):
             np.testing.assert_array_equal(c.request(np.ones(limit // 8), timeout=10), 2.0)
     before = _vm_hwm_kib(server.pid)
-    max_frame = ((64 + 8 * (24 + 8 * 8) + 63) & ~63) + limit + 64 * 8
+    # docs/PROTOCOL.md section 9, with the server's default max_tensors and max_dims (8)
+    t = DEFAULT_MAX_TENSORS
+    max_frame = ((64 + t * (24 + 8 * 8) + 63) & ~63) + limit + 64 * t
     for claim in (1 << 40, 1 << 63, max_frame + 1, (1 << 64) - 1):
         for _ in range(5):
             raw = RawSession(kind, path)

@@ -103,7 +103,7 @@ class Client:
         address: str,
         slot_id: int | None = None,
         timeout: float | None = None,
-        connect_timeout: float | None = 30.0,
+        connect_timeout: float | None = 10.0,
     ) -> None:
         self._kind = parse_address(address)[0]  # validated now, not on first use
         self.address = address
@@ -121,8 +121,10 @@ class Client:
         self._epoch: int | None = None
 
     # -- connection ----------------------------------------------------------------
-    def _ep(self) -> Any:
-        """This process's endpoint, connecting first if needed."""
+    def _ep(self, connect_timeout: Any = _UNSET) -> Any:
+        """This process's endpoint, connecting first if needed (waiting up to
+        ``connect_timeout``, default the client's)."""
+        wait = self.connect_timeout if connect_timeout is _UNSET else connect_timeout
         if self._closed:
             raise ClosedError(f"this client of {self.address} was closed")
         pid = os.getpid()
@@ -144,13 +146,19 @@ class Client:
                 self._info = None
             if ep is None:
                 try:
-                    ep = connect(self.address, self._slot_id, connect_timeout=self.connect_timeout)
+                    ep = connect(self.address, self._slot_id, connect_timeout=wait)
                 except CapacityError:
                     if self._slot_id is None or self._home_pid == pid:
                         raise
-                    ep = connect(self.address, None, connect_timeout=self.connect_timeout)
+                    ep = connect(self.address, None, connect_timeout=wait)
                 self._endpoint, self._pid = ep, pid
         return ep
+
+    def connect(self, timeout: float | None = _UNSET) -> int:
+        """Open this process's connection now rather than on first use, waiting up to
+        ``timeout`` seconds (default ``connect_timeout``) for a server that is still
+        starting; returns the slot. A no-op when connected."""
+        return int(self._ep(timeout).slot_id)
 
     @property
     def connected(self) -> bool:

@@ -14,6 +14,7 @@ __all__ = [
     "ClosedError",
     "BusyError",
     "ForkError",
+    "NoTeacherError",
     "ModelNotFoundError",
     "StoreError",
     "SequenceNotStoredError",
@@ -82,6 +83,12 @@ class ForkError(SensAIError, RuntimeError):
     fork; `sensai.Client` and the seed's ``SensAIClient`` do so by themselves. Closing or
     dropping the inherited copy in the child is safe: it gives back nothing of the
     parent's."""
+
+
+class NoTeacherError(SensAIError):
+    """A batch could not get the teacher's answer and the collate wrapper was told to raise
+    (``on_error="raise"``, its default with a `sensai.Client`). The message names the
+    address, the cause and the fix; the cause is chained (``__cause__``)."""
 
 
 class ModelNotFoundError(SensAIError, FileNotFoundError):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,8 @@ from transformers import Trainer
 from .losses import full_kd_loss, sampled_kd_loss, teacher_from_batch, topk_kd_loss
 
 __all__ = ["DistillationTrainer"]
+
+log = logging.getLogger("sensai.hf")
 
 _LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "sampled": sampled_kd_loss,
@@ -110,6 +113,9 @@ class DistillationTrainer(Trainer):
         }
         self._warned_missing = False
         self._evaluating = False
+        # Training batches since the last log entry: (with a teacher answer, all).
+        self._teacher_steps = [0, 0]
+        self._teacher_total = [0, 0]
 
     def _split_teacher(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         attr = self.teacher_attribute
@@ -178,6 +184,10 @@ class DistillationTrainer(Trainer):
         if ce is not None:
             # Logged per batch, as without accumulation (the Trainer's own loss is its sum).
             parts["ce_loss"].append(ce.detach() * steps)  # no device sync per step
+        if training:
+            for counts in (self._teacher_steps, self._teacher_total):
+                counts[0] += teacher is not None
+                counts[1] += 1
         if teacher is None:
             if not self._warned_missing:
                 warnings.warn(
@@ -201,6 +211,19 @@ class DistillationTrainer(Trainer):
             loss = kd if ce is None else (1.0 - self.kd_weight) * ce + self.kd_weight * kd
         return (loss, outputs) if return_outputs else loss
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            with_teacher, batches = self._teacher_total
+            if batches and with_teacher < batches:
+                log.warning(
+                    "%d of %d training batches had no teacher answer and trained on "
+                    "cross-entropy alone",
+                    batches - with_teacher,
+                    batches,
+                )
+
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         for values in self._parts["eval"].values():  # nothing from an earlier predict()
             values.clear()
@@ -213,6 +236,11 @@ class DistillationTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log entry: the parts since the last one
             self._add_parts(logs, "train", "")
+            with_teacher, batches = self._teacher_steps
+            if batches:
+                # The share of batches since the last entry that had the teacher's answer.
+                logs["teacher_share"] = round(with_teacher / batches, 4)
+                self._teacher_steps = [0, 0]
         elif self._evaluating:  # evaluate()'s metrics: <prefix>_loss, <prefix>_runtime, ...
             prefix = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime")), None)
             if prefix is not None:

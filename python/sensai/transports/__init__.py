@@ -43,6 +43,7 @@ __all__ = [
     "format_address",
     "connect",
     "register_scheme",
+    "describe_address",
 ]
 
 _SERVERS = {
@@ -211,3 +212,40 @@ def connect(address: str, slot_id: int | None = None, **kwargs: Any):
             target = getattr(importlib.import_module(module), name)
         return target(address, slot_id, **kwargs)
     return _CLIENTS[kind](path, slot_id, **kwargs)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    try:  # a zombie (exited, not reaped) holds nothing any more
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def describe_address(address: str) -> str:
+    """What is at ``address`` now, for an error message: nothing, a stale file of a server
+    that is gone (its pid), or a live server's files (its pid). Reads only: never connects
+    and never changes anything."""
+    try:
+        kind, path = parse_address(address)
+    except ValueError as e:
+        return str(e)
+    if kind in _EXTERNAL:
+        return f"{path} ({'exists' if os.path.exists(path) else 'does not exist'})"
+    lock = os.path.join(path, "server.lock") if kind == "named_pipe" else path + ".lock"
+    if not os.path.lexists(path):
+        return f"nothing is at {path}"
+    try:
+        with open(lock) as f:
+            pid = int(f.read().strip() or "0")
+    except (OSError, ValueError):
+        return f"{path} exists but has no readable lock file {lock}: no SensAI server made it"
+    if pid <= 0 or not _pid_alive(pid):
+        return f"{path} is a stale file of a server that is gone (pid {pid})"
+    return f"{path} belongs to a live server (pid {pid})"
