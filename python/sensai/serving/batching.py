@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import traceback
 from collections import deque
@@ -62,7 +61,8 @@ import torch
 
 from .. import _core
 from .._core import ERROR_CODES
-from ..errors import CapacityError, PeerGoneError, SensAIError, TransportTimeout
+from ..errors import SensAIError, TransportTimeout
+from .loop import ServeLoop, deliver
 
 __all__ = [
     "BATCH_WAIT_SHARE",
@@ -164,7 +164,7 @@ class TeacherService:
         tok = getattr(teacher, "tokenizer", None)
         pad = getattr(tok, "pad_token_id", None) if tok is not None else None
         self.pad_id = int(pad) if isinstance(pad, int) and pad >= 0 else 0
-        self._stop = threading.Event()
+        self._loop = ServeLoop(transport, poll_timeout)
         self._stats = _Stats()
         self.totals = {"requests": 0, "batches": 0, "errors": 0, "gathered": 0}
         self._served_last: set[int] = set()  # slots answered by the previous round
@@ -201,26 +201,27 @@ class TeacherService:
 
     # --------------------------------------------------------------------------- loop
     def serve_forever(self) -> None:
-        """Serve until :meth:`stop`; requests already taken are answered before it returns."""
-        while not self._stop.is_set():
-            try:
-                ready = self.transport.wait_any(self.poll_timeout)
-            except TransportTimeout:
-                ready = []
-            if ready:
-                self.serve_round(ready)
+        """Serve until :meth:`stop`; requests already taken are answered before it returns.
+        ``stop()`` then ``transport.close()`` ends a wait at once (see `ServeLoop`)."""
+
+        def tick() -> None:
             if time.monotonic() - self._stats.since >= self.summary_every:
                 self._log_summary()
-        self._log_summary()
+
+        self._loop.poll_timeout = self.poll_timeout
+        try:
+            self._loop.run(self.serve_round, tick)
+        finally:
+            self._log_summary()
 
     def stop(self) -> None:
         """Make :meth:`serve_forever` return after the current round (safe from a signal
         handler or another thread)."""
-        self._stop.set()
+        self._loop.stop()
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._loop.stopping
 
     def serve_round(self, ready: list[int]) -> int:
         """Take every pending request of the ``ready`` slots (and of the clients gathered,
@@ -430,25 +431,17 @@ class TeacherService:
 
     def _send(self, slot: int, answer: tuple[str, int, Any]) -> None:
         kind, tag, body = answer
-        try:
-            if kind == "error":
-                self.transport.send_error(slot, tag, body)
-            else:
-                self.transport.send_message(slot, body, tag=tag, kind=kind)
-        except PeerGoneError as e:
-            log.info("slot %d: client left before its answer: %s", slot, e)
-        except CapacityError as e:
-            text = f"the response does not fit the transport: {e}"
-            self._send_error_frame(slot, "CAPACITY", text)
-        except SensAIError as e:
-            self._send_error_frame(slot, "INTERNAL", f"cannot send the response: {e}")
-
-    def _send_error_frame(self, slot: int, code: str, text: str) -> None:
-        self._error(slot, code, text)
-        try:
-            self.transport.send_error(slot, ERROR_CODES[code], text)
-        except SensAIError as e:
-            log.warning("slot %d: could not deliver the error frame: %s", slot, e)
+        if kind == "error":
+            sent = deliver(self.transport, slot, lambda: self.transport.send_error(slot, tag, body))
+        else:
+            sent = deliver(
+                self.transport,
+                slot,
+                lambda: self.transport.send_message(slot, body, tag=tag, kind=kind),
+            )
+        if sent is not None:
+            self._stats.errors += 1
+            self.totals["errors"] += 1
 
     # ------------------------------------------------------------------------ summary
     def _log_summary(self) -> None:
