@@ -6,7 +6,7 @@ Wire protocol (what :class:`sensai.Client` speaks):
   (``[B, S]`` or ``[S]``). Header tag bit 0 (:data:`SEED_FLAG`) set means "a seed is given",
   and the header value is then the seed (u64). Other tag bits must be zero.
 * Response: kind ``"response"``, tag = the output format's tag
-  (:data:`sensai.formats.FORMAT_TAGS`), tensors = ``TeacherOutput.to_arrays()`` as a list.
+  (:data:`sensai.protocol.FORMAT_TAGS`), tensors = ``TeacherOutput.to_arrays()`` as a list.
 * INFO: a control request with tag :data:`INFO_TAG` and no tensors; the reply is a control
   message with the same tag and one uint8 1-D tensor holding UTF-8 JSON (see :meth:`info`).
 * Failures answer with an error frame: BAD_REQUEST for invalid input, CAPACITY for a response
@@ -48,10 +48,10 @@ oldest unanswered request of a slot).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,27 +59,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _core
-from .._core import ERROR_CODES
 from ..errors import SensAIError, TransportTimeout
+from ..protocol import (
+    ERROR_CODES,
+    FEATURES,
+    FORMAT_TAGS,
+    INFO_TAG,
+    INFO_VERSION,
+    PROTOCOL_VERSION,
+    SAMPLING_FORMATS,
+    SEED_FLAG,
+    encode_info,
+    tokenizer_fingerprint,
+)
 from .loop import ServeLoop, deliver
 
 __all__ = [
     "BATCH_WAIT_SHARE",
     "DEFAULT_BATCH_WAIT",
     "DEFAULT_MAX_BATCH_TOKENS",
-    "INFO_TAG",
-    "SEED_FLAG",
     "SUMMARY_EVERY",
     "TeacherService",
 ]
 
 log = logging.getLogger("sensai.serving")
 
-#: Tag of the INFO control request and of its reply.
-INFO_TAG = 0x1001
-#: Request tag bit: the header value holds a seed.
-SEED_FLAG = 1
 DEFAULT_MAX_BATCH_TOKENS = 16384
 #: Longest wait (seconds) for clients expected back before a batch starts.
 DEFAULT_BATCH_WAIT = 0.010
@@ -87,8 +91,6 @@ DEFAULT_BATCH_WAIT = 0.010
 BATCH_WAIT_SHARE = 0.2
 #: Seconds between two INFO-level summary lines.
 SUMMARY_EVERY = 10.0
-
-_SAMPLING_FORMATS = ("sampled", "coo", "compact")
 
 
 @dataclass
@@ -164,6 +166,9 @@ class TeacherService:
         tok = getattr(teacher, "tokenizer", None)
         pad = getattr(tok, "pad_token_id", None) if tok is not None else None
         self.pad_id = int(pad) if isinstance(pad, int) and pad >= 0 else 0
+        #: This server's identity in INFO: another id at the same address is another server.
+        self.server_id = uuid.uuid4().hex
+        self._tokenizer = tokenizer_fingerprint(tok)
         self._loop = ServeLoop(transport, poll_timeout)
         self._stats = _Stats()
         self.totals = {"requests": 0, "batches": 0, "errors": 0, "gathered": 0}
@@ -172,12 +177,15 @@ class TeacherService:
 
     # ------------------------------------------------------------------------- config
     def info(self) -> dict[str, Any]:
-        """The configuration INFO returns."""
+        """The configuration INFO returns (versioned: see `sensai.protocol`)."""
         t = self.teacher
         fmt = t.output_format
-        from ..formats import FORMAT_TAGS
-
+        features = [f for f in FEATURES if f != "tokenizer_fingerprint" or self._tokenizer]
         return {
+            "info_version": INFO_VERSION,
+            "features": features,
+            "server_id": self.server_id,
+            "tokenizer": self._tokenizer,
             "model": self.model_name,
             "vocab_size": int(t.vocab_size),
             "output_format": fmt,
@@ -187,7 +195,7 @@ class TeacherService:
             "top_k": t.top_k,
             "top_p": t.top_p,
             "topk": t.topk,
-            "protocol_version": int(_core.PROTOCOL_VERSION),
+            "protocol_version": PROTOCOL_VERSION,
             "max_batch_tokens": self.max_batch_tokens,
             "batch_wait_ms": self.batch_wait * 1e3,
             "threads": torch.get_num_threads(),
@@ -196,8 +204,7 @@ class TeacherService:
         }
 
     def _info_answer(self) -> tuple[str, int, Any]:
-        blob = json.dumps(self.info()).encode("utf-8")
-        return ("control", INFO_TAG, [np.frombuffer(blob, dtype=np.uint8).copy()])
+        return ("control", INFO_TAG, encode_info(self.info()))
 
     # --------------------------------------------------------------------------- loop
     def serve_forever(self) -> None:
@@ -347,7 +354,7 @@ class TeacherService:
         return ("error", ERROR_CODES[code], message)
 
     def _alone(self, req: _Request) -> bool:
-        return req.seed is not None and self.teacher.output_format in _SAMPLING_FORMATS
+        return req.seed is not None and self.teacher.output_format in SAMPLING_FORMATS
 
     def _plan(self, reqs: list[_Request]) -> list[list[_Request]]:
         """Batches of requests, each within ``max_batch_tokens`` (rows * longest S) unless a

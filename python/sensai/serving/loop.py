@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .._core import ERROR_CODES
 from ..errors import CapacityError, ClosedError, PeerGoneError, SensAIError, TransportTimeout
+from ..protocol import ERROR_CODES
 
 __all__ = ["SensAIServer", "ServeLoop", "deliver", "send_error_frame"]
 
