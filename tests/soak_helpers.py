@@ -284,7 +284,7 @@ def client_main(
     ("done", ...) at the end, then staying connected until ``close_now`` is set."""
     from sensai.errors import SensAIError
     from sensai.formats import FORMAT_TAGS
-    from sensai.serving.batching import SEED_FLAG
+    from sensai.protocol import SEED_FLAG
     from sensai.transports import connect
 
     rng = np.random.default_rng([seed, index])

@@ -27,9 +27,9 @@ import torch
 
 import sensai
 from sensai import Client, SensAIClient, TeacherOutput, wrap_collate_function
-from sensai.client import INFO_TAG, SEED_FLAG
 from sensai.errors import PeerGoneError, TransportTimeout
 from sensai.formats import FORMAT_TAGS, OutputBuilder
+from sensai.protocol import INFO_TAG, SEED_FLAG
 from sensai.transports import create_transport, format_address
 from sensai.utils import _request_teacher_logits_with_retry
 

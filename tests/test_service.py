@@ -22,7 +22,8 @@ import torch
 from sensai import _core
 from sensai.errors import RemoteError
 from sensai.formats import FORMAT_TAGS, TeacherOutput
-from sensai.serving.batching import INFO_TAG, SEED_FLAG, TeacherService
+from sensai.protocol import INFO_TAG, SEED_FLAG
+from sensai.serving.batching import TeacherService
 from sensai.transports import connect
 
 pytestmark = pytest.mark.timeout(60)

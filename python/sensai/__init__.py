@@ -10,21 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import _core
+from . import _core, errors
 from .client import Client, SensAIClient
 from .collate import wrap_collate_function
-from .errors import (
-    AddressInUseError,
-    CapacityError,
-    ClosedError,
-    ModelNotFoundError,
-    PeerGoneError,
-    ProtocolError,
-    RemoteError,
-    RoleError,
-    SensAIError,
-    TransportTimeout,
-)
+from .errors import *  # noqa: F403 - every exception, listed in errors.__all__
 from .serving.loop import SensAIServer
 from .transports import (
     NamedPipeClient,
@@ -61,18 +50,9 @@ __all__ = [
     "SharedMemoryClient",
     "create_transport",
     "connect",
-    "SensAIError",
-    "ProtocolError",
-    "TransportTimeout",
-    "PeerGoneError",
-    "CapacityError",
-    "RoleError",
-    "RemoteError",
-    "AddressInUseError",
-    "ClosedError",
-    "ModelNotFoundError",
     "PROTOCOL_VERSION",
     "__version__",
+    *errors.__all__,
 ]
 
 

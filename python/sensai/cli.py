@@ -19,27 +19,24 @@ from typing import Any
 
 import click
 
+from .protocol import FORMATS, INFO_TAG, SamplingParams, decode_info
+
 __all__ = ["main", "cli", "serve", "info", "record"]
 
 log = logging.getLogger("sensai.cli")
 
 TRANSPORTS = ("named_pipe", "shared_memory", "unix_socket")
-# sensai.formats.FORMATS, spelled out so that `sensai --help` does not import torch
-FORMATS = ("full", "sampled", "coo", "compact", "topk")
 _PATH_FLAG = {"named_pipe": "pipe_dir", "shared_memory": "shm_path", "unix_socket": "socket_path"}
 #: --max-elems (elements per tensor) -> bytes per message: 8-byte elements, max_tensors tensors.
 _ELEM_BYTES = 8
 
 
-def _positive_temperature(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    if not value > 0 or value != value or value == float("inf"):
-        raise click.BadParameter(f"must be a finite number > 0, got {value}")
-    return value
-
-
-def _top_p(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    if not 0.0 < value <= 1.0:
-        raise click.BadParameter(f"must be in (0, 1], got {value}")
+def _sampling_param(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A sampling flag, checked by `SamplingParams` (the teacher's and sampler's rules)."""
+    try:
+        SamplingParams.check(str(param.name), value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
     return value
 
 
@@ -123,7 +120,7 @@ def serve_options(f: Any) -> Any:
             type=float,
             default=1.0,
             show_default=True,
-            callback=_positive_temperature,
+            callback=_sampling_param,
             help="Sampling temperature (> 0).",
         ),
         click.option(
@@ -131,7 +128,7 @@ def serve_options(f: Any) -> Any:
             type=float,
             default=1.0,
             show_default=True,
-            callback=_top_p,
+            callback=_sampling_param,
             help="Nucleus mask before sampling, in (0, 1].",
         ),
         click.option(
@@ -202,16 +199,10 @@ def serve_options(f: Any) -> Any:
 
 def _check_flags(kw: dict[str, Any]) -> None:
     """Cross-flag checks click's types cannot express (before any model loads)."""
-    n = kw["num_samples"]
-    if kw["output_format"] in ("sampled", "coo", "compact") and n < 1:
-        raise click.BadParameter(
-            f"must be >= 1 for the {kw['output_format']} format, got {n}",
-            param_hint="'--num-samples'",
-        )
-    if n < -1:
-        raise click.BadParameter(
-            f"must be >= 1 (or 0/-1: none), got {n}", param_hint="'--num-samples'"
-        )
+    try:
+        SamplingParams(num_samples=kw["num_samples"]).for_format(kw["output_format"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--num-samples'") from None
     if kw["max_elems"] is not None and kw["max_nbytes"] is not None:
         raise click.UsageError("give --max-nbytes or --max-elems, not both")
     for kind, name in _PATH_FLAG.items():
@@ -384,7 +375,6 @@ def serve(**kw: Any) -> None:
 def info(address: str, timeout: float) -> None:
     """Print the configuration of the server at ADDRESS (e.g. shm:///dev/shm/sensai-123)."""
     from .errors import SensAIError
-    from .serving.batching import INFO_TAG
     from .transports import connect
 
     try:
@@ -393,13 +383,7 @@ def info(address: str, timeout: float) -> None:
         raise click.ClickException(f"cannot connect to {address}: {e}") from None
     try:
         msg = client.request_message([], kind="control", tag=INFO_TAG, timeout=timeout)
-        arrays = msg.arrays()
-        if msg.kind != "control" or msg.tag != INFO_TAG or len(arrays) != 1:
-            raise click.ClickException(
-                f"unexpected answer to INFO: kind {msg.kind!r}, tag {msg.tag:#x}, "
-                f"{len(arrays)} tensor(s)"
-            )
-        config = json.loads(arrays[0].tobytes().decode("utf-8"))
+        config = decode_info(msg)
     except (SensAIError, ValueError) as e:
         raise click.ClickException(f"INFO request to {address} failed: {e}") from None
     finally:

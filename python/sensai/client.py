@@ -8,30 +8,32 @@ raw client over an endpoint, kept for seed users.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import CapacityError, ClosedError, ProtocolError
+from .errors import CapacityError, ClosedError
+from .protocol import (
+    INFO_TAG,
+    SAMPLING_FORMATS,
+    SEED_FLAG,
+    check_tokenizer,
+    decode_info,
+    info_features,
+    require_features,
+)
 from .transports import connect, parse_address
-from .transports._endpoint import dense_tensor
+from .transports._endpoint import dense_tensor, message_arrays
 
 if TYPE_CHECKING:  # formats imports torch; a transport-only user never needs it
     from .formats import TeacherOutput
 
-__all__ = ["Client", "SensAIClient", "INFO_TAG", "SEED_FLAG"]
-
-INFO_TAG = 0x1001
-"""Header tag of the INFO control request and of its reply."""
-SEED_FLAG = 0x1
-"""Request header tag bit: the header's value carries the sampling seed."""
-
-_SAMPLED_FORMATS = ("sampled", "coo", "compact")
+__all__ = ["Client", "SensAIClient", "INFO_TAG", "SEED_FLAG"]  # the tags: sensai.protocol's
 
 log = logging.getLogger("sensai.client")
 
@@ -65,19 +67,6 @@ def _ids_array(x: Any, name: str) -> Any:
     raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
 
 
-def _message_tensors(msg: Any, copy: bool) -> list[Any]:
-    """The message's tensors (bfloat16 as torch bfloat16), copied out of it if ``copy``."""
-    arrays = [np.array(a) if copy else a for a in msg.arrays()]
-    if msg.has_bfloat16:
-        import torch
-
-        arrays = [
-            torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if d == "bfloat16" else a
-            for a, d in zip(arrays, msg.dtypes, strict=True)
-        ]
-    return arrays
-
-
 class Client:
     """A client of a SensAI teacher server.
 
@@ -96,6 +85,10 @@ class Client:
     restarted on the same path) opens a new connection first, so a restarted server is
     used without any change in user code. A request in flight when the server dies raises
     `PeerGoneError` (or `TransportTimeout` at its timeout).
+
+    ``require``: protocol features (see `sensai.protocol.FEATURES`) the server must have,
+    checked when its INFO first arrives; a server without one raises
+    `UnsupportedFeatureError` naming it.
     """
 
     def __init__(
@@ -104,6 +97,8 @@ class Client:
         slot_id: int | None = None,
         timeout: float | None = None,
         connect_timeout: float | None = 10.0,
+        *,
+        require: Iterable[str] = (),
     ) -> None:
         self._kind = parse_address(address)[0]  # validated now, not on first use
         self.address = address
@@ -116,6 +111,7 @@ class Client:
         # or unpickled copy leases any free slot when that one is held.
         self._home_pid: int | None = os.getpid()
         self._info: dict[str, Any] | None = None
+        self.required_features = tuple(require)
         self._closed = False
         self._lock = threading.Lock()
         self._epoch: int | None = None
@@ -233,26 +229,32 @@ class Client:
             msg = ep.request_message(
                 [], tag=INFO_TAG, kind="control", timeout=self._timeout(timeout)
             )
-        arrays = msg.arrays()
-        if msg.kind != "control" or msg.tag != INFO_TAG or len(arrays) != 1:
-            raise ProtocolError(
-                f"unexpected answer to the INFO request: kind {msg.kind!r}, tag {msg.tag:#x}, "
-                f"{len(arrays)} tensor(s)"
-            )
-        try:
-            info = json.loads(np.ascontiguousarray(arrays[0]).tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ProtocolError(f"the INFO answer is not UTF-8 JSON: {e}") from None
-        if not isinstance(info, dict):
-            raise ProtocolError(f"the INFO answer is not a JSON object: {type(info).__name__}")
+        info = decode_info(msg)
+        require_features(info, self.required_features)
         self._info = info
         return dict(info)
+
+    def features(self) -> frozenset[str]:
+        """The protocol features the server declares (a server of INFO version 0, which
+        declares none, has `sensai.protocol.LEGACY_FEATURES`)."""
+        return info_features(self.info())
+
+    def require(self, *features: str) -> None:
+        """`UnsupportedFeatureError` naming each of ``features`` the server lacks."""
+        require_features(self.info(), features)
+
+    def check_tokenizer(self, tokenizer: Any, vocab_size: int | None = None) -> None:
+        """Check the student's ``tokenizer`` against the teacher's fingerprint (INFO
+        ``tokenizer``): `TokenizerMismatchError` for another vocabulary or special tokens, or
+        a ``vocab_size`` (the student's logits) smaller than the tokenizer (a larger, padded
+        one is fine); `UnsupportedFeatureError` for a server that sends no fingerprint."""
+        check_tokenizer(self.info(), tokenizer, vocab_size)
 
     def _params(self, fmt: str) -> dict[str, Any]:
         info = self.info()
         return {
             "vocab_size": int(info.get("vocab_size") or 0),
-            "num_samples": int(info.get("num_samples") or 0) if fmt in _SAMPLED_FORMATS else 0,
+            "num_samples": int(info.get("num_samples") or 0) if fmt in SAMPLING_FORMATS else 0,
             "temperature": float(info.get("temperature") or 1.0),
             "top_k": int(info.get("top_k") or 0),
             "top_p": float(info.get("top_p") or 1.0),
@@ -304,7 +306,7 @@ class Client:
         fmt = format_name(msg.tag)
         if copy is None:
             copy = self._kind == "shared_memory"
-        out = TeacherOutput.from_arrays(msg.tag, _message_tensors(msg, copy), **self._params(fmt))
+        out = TeacherOutput.from_arrays(msg.tag, message_arrays(msg, copy), **self._params(fmt))
         if not copy:
             out.extra["message"] = msg  # the tensors view its buffer
         return out

@@ -283,7 +283,9 @@ class TeacherCollate:
         if self._counts.pid != os.getpid():  # a forked worker: its own counts
             self._counts = _Counts()
         c = self._counts
-        if c.finalizer is None:  # the end-of-process report, also in DataLoader workers
+        if c.finalizer is None and self.on_error == "skip":
+            # The end-of-process report (also in DataLoader workers, which multiprocessing
+            # ends through its finalizers); with "raise" the error said it already.
             c.finalizer = multiprocessing.util.Finalize(
                 None, _report, args=(c, _address_of(self.client), True), exitpriority=10
             )

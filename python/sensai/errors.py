@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from . import _core
+
 __all__ = [
     "SensAIError",
     "ProtocolError",
@@ -18,16 +22,12 @@ __all__ = [
     "ModelNotFoundError",
     "StoreError",
     "SequenceNotStoredError",
+    "UnsupportedFeatureError",
+    "TokenizerMismatchError",
 ]
 
-_CODE_NAMES = {
-    1: "bad request",
-    2: "protocol",
-    3: "capacity",
-    4: "internal",
-    5: "unavailable",
-    6: "role",
-}
+# "bad request", "capacity", ... by code, from the crate's ERROR_CODES
+_CODE_NAMES = {code: name.lower().replace("_", " ") for name, code in _core.ERROR_CODES.items()}
 
 
 class SensAIError(Exception):
@@ -111,6 +111,28 @@ class RemoteError(SensAIError):
 
     def __reduce__(self):  # keep picklable across DataLoader workers
         return (type(self), (self.code, self.message))
+
+
+class UnsupportedFeatureError(SensAIError):
+    """The server lacks a protocol feature the client asked for; ``features`` names those
+    missing, the message also the server's INFO version and what it has."""
+
+    def __init__(self, features: Iterable[str], info_version: int, have: Iterable[str]) -> None:
+        self.features = list(features)
+        self.info_version = info_version
+        self.have = list(have)
+        super().__init__(
+            f"the server lacks {', '.join(map(repr, self.features))} (INFO version "
+            f"{info_version}; it has {', '.join(self.have) or 'no features'})"
+        )
+
+    def __reduce__(self):  # keep picklable across DataLoader workers
+        return (type(self), (self.features, self.info_version, self.have))
+
+
+class TokenizerMismatchError(SensAIError, ValueError):
+    """The student's tokenizer is not the teacher's (another vocabulary or special tokens, or
+    a student vocabulary smaller than the tokenizer's)."""
 
 
 class StoreError(SensAIError, ValueError):

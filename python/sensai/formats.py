@@ -1,7 +1,8 @@
 """Teacher output formats: what a server sends for each position, and `TeacherOutput`.
 
 Five formats, chosen when the server starts; each response carries the format's tag in the
-frame header (``app_tag``) so a client decodes it without guessing.
+frame header (``app_tag``) so a client decodes it without guessing. The table below is
+`sensai.protocol.FORMAT_TABLE`, which the wire code reads.
 
 =========  ===  =======================================================================
 format     tag  tensors, in wire order (P = batch x positions)
@@ -31,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .protocol import FORMAT_TAGS, FORMATS, SAMPLING_FORMATS, format_name, format_spec
+
 __all__ = [
     "FORMAT_TAGS",
     "FORMATS",
@@ -39,20 +42,6 @@ __all__ = [
     "build_output",
     "format_name",
 ]
-
-FORMAT_TAGS: dict[str, int] = {"full": 1, "sampled": 2, "coo": 3, "compact": 4, "topk": 5}
-FORMATS = tuple(FORMAT_TAGS)
-_NAMES = {v: k for k, v in FORMAT_TAGS.items()}
-
-
-def format_name(tag: int) -> str:
-    """The format of a wire tag; ValueError for an unknown tag."""
-    try:
-        return _NAMES[int(tag)]
-    except KeyError:
-        raise ValueError(
-            f"unknown teacher output format tag {tag}; expected one of {sorted(_NAMES)}"
-        ) from None
 
 
 def _t(x: Any) -> torch.Tensor:
@@ -115,48 +104,24 @@ class TeacherOutput:
     # -- wire ----------------------------------------------------------------------
     def to_arrays(self) -> list[torch.Tensor]:
         """The tensors sent on the wire, in order (see the module doc)."""
-        f = self.format
-        if f == "full":
-            body = [self.logits]
-        elif f == "sampled":
-            body = [self.indices, self.values]
-        elif f == "coo":
-            body = [self.coo_indices, self.coo_values]
-        elif f == "compact":
-            body = [self.offsets, self.tokens, self.counts, self.logprobs]
-        elif f == "topk":
-            body = [self.indices, self.logprobs]
-        else:
-            raise ValueError(f"unknown format {f!r}")
-        tail = [] if f == "full" else [self.logz_sampled, self.logz_full]
-        return [t.contiguous() for t in [*body, *tail, self.mask]]  # type: ignore[union-attr]
+        names = format_spec(self.format).fields
+        return [getattr(self, name).contiguous() for name in names]
 
     @classmethod
     def from_arrays(cls, tag: int, arrays: list[Any], **params: Any) -> TeacherOutput:
         """Rebuild an output from the wire tensors of format ``tag``; ``params`` sets
         vocab_size, num_samples, temperature, top_k, top_p (from the server's info)."""
-        f = format_name(tag)
+        spec = format_spec(int(tag))
         ts = [_t(a) for a in arrays]
-        expected = {"full": 2, "sampled": 5, "coo": 5, "compact": 7, "topk": 5}[f]
-        if len(ts) != expected:
+        names = spec.fields
+        if len(ts) != len(names):
             raise ValueError(
-                f"a {f!r} teacher output has {expected} tensors, this message has {len(ts)}"
+                f"a {spec.name!r} teacher output has {len(names)} tensors, this message has "
+                f"{len(ts)}"
             )
-        mask = ts[-1].to(torch.bool)
-        out = cls(format=f, mask=mask, **params)
-        if f == "full":
-            out.logits = ts[0]
-            return out
-        out.logz_sampled, out.logz_full = ts[-3], ts[-2]
-        if f == "sampled":
-            out.indices, out.values = ts[0], ts[1]
-        elif f == "coo":
-            out.coo_indices, out.coo_values = ts[0], ts[1]
-        elif f == "compact":
-            out.offsets, out.tokens, out.counts, out.logprobs = ts[0], ts[1], ts[2], ts[3]
-        elif f == "topk":
-            out.indices, out.logprobs = ts[0], ts[1]
-        return out
+        tensors: dict[str, Any] = dict(zip(names, ts, strict=True))
+        tensors["mask"] = tensors["mask"].to(torch.bool)
+        return cls(format=spec.name, **tensors, **params)
 
     @property
     def nbytes(self) -> int:
@@ -337,8 +302,7 @@ class OutputBuilder:
         logits_dtype: torch.dtype = torch.float32,
         scratch: torch.Tensor | None = None,
     ) -> None:
-        if fmt not in FORMAT_TAGS:
-            raise ValueError(f"unknown output format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        format_spec(fmt)  # ValueError for an unknown format
         if fmt == "topk" and not 1 <= topk <= vocab_size:
             raise ValueError(f"topk must be in 1..{vocab_size} (the vocabulary), got {topk}")
         self.fmt = fmt
@@ -410,7 +374,7 @@ class OutputBuilder:
             format=self.fmt,
             mask=mask.to(torch.bool).reshape(b, s),
             vocab_size=self.v,
-            num_samples=self.n if self.fmt in ("sampled", "coo", "compact") else 0,
+            num_samples=self.n if self.fmt in SAMPLING_FORMATS else 0,
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,

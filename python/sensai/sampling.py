@@ -44,10 +44,11 @@ and the rare row that hit one is drawn again with ``torch.multinomial``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from .protocol import SamplingParams
 
 __all__ = [
     "SampleResult",
@@ -93,18 +94,7 @@ def _check_logits(logits: torch.Tensor) -> None:
 
 
 def _check_params(temperature: float, top_p: float, top_k: int) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a number, got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
-        raise ValueError(f"top_p must be a number, got {top_p!r}")
-    if not (0.0 < top_p <= 1.0):  # also rejects NaN
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise ValueError(f"top_k must be an int, got {top_k!r}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    SamplingParams(None, temperature, top_p, top_k)  # validates, naming the field
 
 
 def _check_row_max(logits: torch.Tensor, m: torch.Tensor) -> None:
@@ -395,9 +385,7 @@ def sample_positions(
     for the cumulative sum too when it holds 2 * P * V. The logits are never modified.
     """
     _check_logits(logits)
-    _check_params(temperature, top_p, top_k)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    SamplingParams(num_samples, temperature, top_p, top_k).samples("sample_positions")
     if logits.dim() != 2:
         raise ValueError(f"sample_positions takes 2-D [P, V] logits, got {tuple(logits.shape)}")
     n_pos = logits.shape[0]

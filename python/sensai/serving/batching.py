@@ -6,7 +6,7 @@ Wire protocol (what :class:`sensai.Client` speaks):
   (``[B, S]`` or ``[S]``). Header tag bit 0 (:data:`SEED_FLAG`) set means "a seed is given",
   and the header value is then the seed (u64). Other tag bits must be zero.
 * Response: kind ``"response"``, tag = the output format's tag
-  (:data:`sensai.formats.FORMAT_TAGS`), tensors = ``TeacherOutput.to_arrays()`` as a list.
+  (:data:`sensai.protocol.FORMAT_TAGS`), tensors = ``TeacherOutput.to_arrays()`` as a list.
 * INFO: a control request with tag :data:`INFO_TAG` and no tensors; the reply is a control
   message with the same tag and one uint8 1-D tensor holding UTF-8 JSON (see :meth:`info`).
 * Failures answer with an error frame: BAD_REQUEST for invalid input, CAPACITY for a response
@@ -48,11 +48,10 @@ oldest unanswered request of a slot).
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
 import traceback
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,26 +59,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _core
-from .._core import ERROR_CODES
-from ..errors import CapacityError, PeerGoneError, SensAIError, TransportTimeout
+from ..errors import SensAIError, TransportTimeout
+from ..protocol import (
+    ERROR_CODES,
+    FEATURES,
+    FORMAT_TAGS,
+    INFO_TAG,
+    INFO_VERSION,
+    PROTOCOL_VERSION,
+    SAMPLING_FORMATS,
+    SEED_FLAG,
+    encode_info,
+    tokenizer_fingerprint,
+)
+from .loop import ServeLoop, deliver
 
 __all__ = [
     "BATCH_WAIT_SHARE",
     "DEFAULT_BATCH_WAIT",
     "DEFAULT_MAX_BATCH_TOKENS",
-    "INFO_TAG",
-    "SEED_FLAG",
     "SUMMARY_EVERY",
     "TeacherService",
 ]
 
 log = logging.getLogger("sensai.serving")
 
-#: Tag of the INFO control request and of its reply.
-INFO_TAG = 0x1001
-#: Request tag bit: the header value holds a seed.
-SEED_FLAG = 1
 DEFAULT_MAX_BATCH_TOKENS = 16384
 #: Longest wait (seconds) for clients expected back before a batch starts.
 DEFAULT_BATCH_WAIT = 0.010
@@ -87,8 +91,6 @@ DEFAULT_BATCH_WAIT = 0.010
 BATCH_WAIT_SHARE = 0.2
 #: Seconds between two INFO-level summary lines.
 SUMMARY_EVERY = 10.0
-
-_SAMPLING_FORMATS = ("sampled", "coo", "compact")
 
 
 @dataclass
@@ -164,7 +166,10 @@ class TeacherService:
         tok = getattr(teacher, "tokenizer", None)
         pad = getattr(tok, "pad_token_id", None) if tok is not None else None
         self.pad_id = int(pad) if isinstance(pad, int) and pad >= 0 else 0
-        self._stop = threading.Event()
+        #: This server's identity in INFO: another id at the same address is another server.
+        self.server_id = uuid.uuid4().hex
+        self._tokenizer = tokenizer_fingerprint(tok)
+        self._loop = ServeLoop(transport, poll_timeout)
         self._stats = _Stats()
         self.totals = {"requests": 0, "batches": 0, "errors": 0, "gathered": 0}
         self._served_last: set[int] = set()  # slots answered by the previous round
@@ -172,12 +177,15 @@ class TeacherService:
 
     # ------------------------------------------------------------------------- config
     def info(self) -> dict[str, Any]:
-        """The configuration INFO returns."""
+        """The configuration INFO returns (versioned: see `sensai.protocol`)."""
         t = self.teacher
         fmt = t.output_format
-        from ..formats import FORMAT_TAGS
-
+        features = [f for f in FEATURES if f != "tokenizer_fingerprint" or self._tokenizer]
         return {
+            "info_version": INFO_VERSION,
+            "features": features,
+            "server_id": self.server_id,
+            "tokenizer": self._tokenizer,
             "model": self.model_name,
             "vocab_size": int(t.vocab_size),
             "output_format": fmt,
@@ -187,7 +195,7 @@ class TeacherService:
             "top_k": t.top_k,
             "top_p": t.top_p,
             "topk": t.topk,
-            "protocol_version": int(_core.PROTOCOL_VERSION),
+            "protocol_version": PROTOCOL_VERSION,
             "max_batch_tokens": self.max_batch_tokens,
             "batch_wait_ms": self.batch_wait * 1e3,
             "threads": torch.get_num_threads(),
@@ -196,31 +204,31 @@ class TeacherService:
         }
 
     def _info_answer(self) -> tuple[str, int, Any]:
-        blob = json.dumps(self.info()).encode("utf-8")
-        return ("control", INFO_TAG, [np.frombuffer(blob, dtype=np.uint8).copy()])
+        return ("control", INFO_TAG, encode_info(self.info()))
 
     # --------------------------------------------------------------------------- loop
     def serve_forever(self) -> None:
-        """Serve until :meth:`stop`; requests already taken are answered before it returns."""
-        while not self._stop.is_set():
-            try:
-                ready = self.transport.wait_any(self.poll_timeout)
-            except TransportTimeout:
-                ready = []
-            if ready:
-                self.serve_round(ready)
+        """Serve until :meth:`stop`; requests already taken are answered before it returns.
+        ``stop()`` then ``transport.close()`` ends a wait at once (see `ServeLoop`)."""
+
+        def tick() -> None:
             if time.monotonic() - self._stats.since >= self.summary_every:
                 self._log_summary()
-        self._log_summary()
+
+        self._loop.poll_timeout = self.poll_timeout
+        try:
+            self._loop.run(self.serve_round, tick)
+        finally:
+            self._log_summary()
 
     def stop(self) -> None:
         """Make :meth:`serve_forever` return after the current round (safe from a signal
         handler or another thread)."""
-        self._stop.set()
+        self._loop.stop()
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._loop.stopping
 
     def serve_round(self, ready: list[int]) -> int:
         """Take every pending request of the ``ready`` slots (and of the clients gathered,
@@ -346,7 +354,7 @@ class TeacherService:
         return ("error", ERROR_CODES[code], message)
 
     def _alone(self, req: _Request) -> bool:
-        return req.seed is not None and self.teacher.output_format in _SAMPLING_FORMATS
+        return req.seed is not None and self.teacher.output_format in SAMPLING_FORMATS
 
     def _plan(self, reqs: list[_Request]) -> list[list[_Request]]:
         """Batches of requests, each within ``max_batch_tokens`` (rows * longest S) unless a
@@ -430,25 +438,17 @@ class TeacherService:
 
     def _send(self, slot: int, answer: tuple[str, int, Any]) -> None:
         kind, tag, body = answer
-        try:
-            if kind == "error":
-                self.transport.send_error(slot, tag, body)
-            else:
-                self.transport.send_message(slot, body, tag=tag, kind=kind)
-        except PeerGoneError as e:
-            log.info("slot %d: client left before its answer: %s", slot, e)
-        except CapacityError as e:
-            text = f"the response does not fit the transport: {e}"
-            self._send_error_frame(slot, "CAPACITY", text)
-        except SensAIError as e:
-            self._send_error_frame(slot, "INTERNAL", f"cannot send the response: {e}")
-
-    def _send_error_frame(self, slot: int, code: str, text: str) -> None:
-        self._error(slot, code, text)
-        try:
-            self.transport.send_error(slot, ERROR_CODES[code], text)
-        except SensAIError as e:
-            log.warning("slot %d: could not deliver the error frame: %s", slot, e)
+        if kind == "error":
+            sent = deliver(self.transport, slot, lambda: self.transport.send_error(slot, tag, body))
+        else:
+            sent = deliver(
+                self.transport,
+                slot,
+                lambda: self.transport.send_message(slot, body, tag=tag, kind=kind),
+            )
+        if sent is not None:
+            self._stats.errors += 1
+            self.totals["errors"] += 1
 
     # ------------------------------------------------------------------------ summary
     def _log_summary(self) -> None:

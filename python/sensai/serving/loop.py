@@ -1,4 +1,5 @@
-"""``SensAIServer``: runs a function over every request that arrives on a transport."""
+"""The one serve loop (wait, take, answer each slot in order, stop, close) and `SensAIServer`,
+which runs a plain function over every request on it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,89 @@ from typing import Any
 
 import numpy as np
 
-from .._core import ERROR_CODES
-from ..errors import ClosedError, PeerGoneError, SensAIError, TransportTimeout
+from ..errors import CapacityError, ClosedError, PeerGoneError, SensAIError, TransportTimeout
+from ..protocol import ERROR_CODES
 
-__all__ = ["SensAIServer"]
+__all__ = ["SensAIServer", "ServeLoop", "deliver", "send_error_frame"]
 
 log = logging.getLogger("sensai.serving")
+
+
+def send_error_frame(transport: Any, slot: int, code: str, text: str) -> None:
+    """Answer the oldest unanswered request of ``slot`` with an error frame (``code``: a name of
+    ``ERROR_CODES``); a frame that cannot be delivered is logged."""
+    send_error = getattr(transport, "send_error", None)
+    if send_error is None:
+        return
+    try:
+        send_error(slot, ERROR_CODES[code], text)
+    except SensAIError as e:
+        log.warning("slot %d: could not deliver the error frame: %s", slot, e)
+
+
+def deliver(transport: Any, slot: int, send: Callable[[], Any]) -> str | None:
+    """Run ``send()``, which writes the answer of ``slot``'s oldest request. A client already
+    gone is logged; an answer that does not fit the transport gets a CAPACITY error frame, any
+    other transport failure an INTERNAL one. Returns the code of the error frame sent, if any;
+    never raises a `SensAIError`."""
+    try:
+        send()
+        return None
+    except PeerGoneError as e:
+        log.info("slot %d: client left before its answer: %s", slot, e)
+        return None
+    except CapacityError as e:
+        code, text = "CAPACITY", f"the response does not fit the transport: {e}"
+    except SensAIError as e:
+        code, text = "INTERNAL", f"cannot send the response: {e}"
+    log.error("slot %d: %s", slot, text)
+    send_error_frame(transport, slot, code, text)
+    return code
+
+
+class ServeLoop:
+    """Waits on ``transport`` and hands the ready slots to a round function until :meth:`stop`.
+
+    ``stop()`` takes effect when the current wait or round ends (a wait lasts at most
+    ``poll_timeout``); ``stop()`` then ``transport.close()`` (from another thread or a signal
+    handler) ends a wait at once and :meth:`run` returns. A transport closed without
+    ``stop()`` raises `ClosedError`. A stop before :meth:`run` makes it return at once; once
+    it has returned, the loop can run again.
+    """
+
+    def __init__(self, transport: Any, poll_timeout: float | None = 0.5) -> None:
+        self.transport = transport
+        self.poll_timeout = poll_timeout
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Safe from any thread and from a signal handler (it only sets an event)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(
+        self, serve_round: Callable[[list[int]], Any], tick: Callable[[], Any] | None = None
+    ) -> None:
+        """Until stopped: wait for ready slots, ``serve_round(ready)``, then ``tick()``."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    ready = self.transport.wait_any(self.poll_timeout)
+                except TransportTimeout:
+                    ready = []
+                except ClosedError:
+                    if self._stop.is_set():
+                        return  # closed after stop(): the way to end a wait at once
+                    raise
+                if ready:
+                    serve_round(ready)
+                if tick is not None:
+                    tick()
+        finally:
+            self._stop.clear()
 
 
 def _is_tensor_result(x: Any) -> bool:
@@ -35,16 +113,7 @@ class SensAIServer:
 
     def __init__(self, transport: Any) -> None:
         self.transport = transport
-        self._stop = threading.Event()
-
-    def _answer_error(self, slot_id: int, code: int, message: str) -> None:
-        send_error = getattr(self.transport, "send_error", None)
-        if send_error is None:
-            return
-        try:
-            send_error(slot_id, code, message)
-        except SensAIError as e:
-            log.warning("slot %d: could not deliver error frame: %s", slot_id, e)
+        self._loop = ServeLoop(transport)
 
     def process_slot(self, slot_id: int, fn: Callable[[Any], Any]) -> bool:
         """Handle one pending request on ``slot_id``; False if there was none."""
@@ -68,42 +137,21 @@ class SensAIServer:
             traceback.clear_frames(e.__traceback__)
             request = result = None
             log.error("slot %d: request failed: %s", slot_id, text)
-            self._answer_error(slot_id, ERROR_CODES["INTERNAL"], text)
+            send_error_frame(self.transport, slot_id, "INTERNAL", text)
             return True
-        try:
-            self.transport.write_tensor_slot(slot_id, result)
-        except PeerGoneError as e:
-            log.info("slot %d: client left before its answer: %s", slot_id, str(e))
-        except SensAIError as e:
-            text = str(e)
-            request = result = None  # release the request buffer before answering
-            log.error("slot %d: cannot send the response: %s", slot_id, text)
-            self._answer_error(slot_id, ERROR_CODES["CAPACITY"], text)
+        request = None  # release the request buffer before answering
+        deliver(self.transport, slot_id, lambda: self.transport.write_tensor_slot(slot_id, result))
         return True
 
     def serve_forever(self, fn: Callable[[Any], Any], poll_timeout: float = 0.5) -> None:
-        """Serve until :meth:`stop` is called (or KeyboardInterrupt).
+        """Serve until :meth:`stop` is called (or KeyboardInterrupt); see `ServeLoop`."""
+        self._loop.poll_timeout = poll_timeout
 
-        ``stop()`` alone takes effect when the current wait ends (at most ``poll_timeout``);
-        ``stop()`` then ``transport.close()`` (from another thread or a signal handler) ends
-        the wait at once. A transport closed without ``stop()`` raises ``ClosedError``.
-        """
-        self._stop.clear()
-        while not self._stop.is_set():
-            try:
-                self._serve_once(fn, poll_timeout)
-            except ClosedError:
-                if self._stop.is_set():
-                    return  # closed after stop(): the way to end a wait at once
-                raise
+        def serve_round(ready: list[int]) -> None:
+            for slot_id in ready:
+                self.process_slot(slot_id, fn)
 
-    def _serve_once(self, fn: Callable[[Any], Any], poll_timeout: float) -> None:
-        try:
-            ready = self.transport.wait_any(poll_timeout)
-        except TransportTimeout:
-            return
-        for slot_id in ready:
-            self.process_slot(slot_id, fn)
+        self._loop.run(serve_round)
 
     def run_loop(self, fn: Callable[[Any], Any], interval: float = 0.001) -> None:
         """The seed's loop; ``interval`` is accepted and ignored (the loop is event-driven)."""
@@ -113,4 +161,4 @@ class SensAIServer:
         """Make :meth:`serve_forever` return after the current request. Safe from any thread
         and from a signal handler (it only sets an event); close the transport after it to
         end a wait in progress at once."""
-        self._stop.set()
+        self._loop.stop()

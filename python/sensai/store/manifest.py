@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
+from ..protocol import FORMATS, SAMPLING_FORMATS
+from ..protocol import tokenizer_hash as tokenizer_fingerprint
 from .layout import LEVELS, Params, columns_for
 
 __all__ = [
@@ -31,7 +33,6 @@ MANIFEST = "manifest.json"
 #: Bumped whenever a shard's columns or their meaning change.
 STORE_FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 20
-_FORMATS = ("full", "sampled", "coo", "compact", "topk")
 #: Fields two writers of one store must agree on (the rest is informative).
 _IDENTITY = ("store_format_version", "format", "level", "teacher", "sampling", "dataset")
 
@@ -52,16 +53,6 @@ def dataset_hash(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
     return file_hash(files)
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str | None:
-    """sha256 of a tokenizer's vocabulary and special tokens (None without a tokenizer)."""
-    if tokenizer is None:
-        return None
-    vocab = tokenizer.get_vocab()
-    special = getattr(tokenizer, "special_tokens_map", {})
-    blob = json.dumps([sorted(vocab.items()), special], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def build_manifest(
@@ -95,7 +86,7 @@ def build_manifest(
             "tokenizer_fingerprint": tokenizer,
         },
         "sampling": {
-            "num_samples": int(num_samples) if fmt in ("sampled", "coo", "compact") else 0,
+            "num_samples": int(num_samples) if fmt in SAMPLING_FORMATS else 0,
             "temperature": float(temperature),
             "top_k": int(top_k),
             "top_p": float(top_p),
@@ -120,7 +111,7 @@ def _validate(m: Any, where: str) -> None:
         raise bad(
             f"store format version {version!r}; this SensAI reads version {STORE_FORMAT_VERSION}"
         )
-    if m.get("format") not in _FORMATS:
+    if m.get("format") not in FORMATS:
         raise bad(f"unknown format {m.get('format')!r}")
     if m.get("level") not in LEVELS:
         raise bad(f"unknown level {m.get('level')!r}")
@@ -137,7 +128,7 @@ def _validate(m: Any, where: str) -> None:
     for name, (value, low) in ints.items():
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 1 << 31:
             raise bad(f"{name} must be an integer in [{low}, 2**31), got {value!r}")
-    if m["format"] in ("sampled", "coo", "compact") and sampling["num_samples"] < 1:
+    if m["format"] in SAMPLING_FORMATS and sampling["num_samples"] < 1:
         raise bad(f"a {m['format']} store needs num_samples >= 1")
     if m["format"] == "topk" and sampling["topk"] < 1:
         raise bad("a topk store needs topk >= 1")

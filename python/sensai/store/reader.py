@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SequenceNotStoredError, StoreError
+from ..protocol import FORMAT_TAGS, INFO_VERSION, SAMPLING_FORMATS
 from .layout import Params, columns_for, decode_row
 from .manifest import check_expectations, load_manifest, params_of
 
@@ -28,8 +29,6 @@ __all__ = ["StoreReader", "list_shards", "read_keys", "shard_schema", "FORMAT_TA
 
 log = logging.getLogger("sensai.store")
 
-# sensai.formats.FORMAT_TAGS, without importing torch for a reader that never needs it
-FORMAT_TAGS = {"full": 1, "sampled": 2, "coo": 3, "compact": 4, "topk": 5}
 #: Largest Parquet footer (metadata) accepted.
 MAX_FOOTER_BYTES = 16 << 20
 #: Default bound on one column chunk of a row group, declared and read.
@@ -392,7 +391,7 @@ class StoreReader:
     def output_params(self) -> dict[str, Any]:
         """`TeacherOutput` fields of this store's answers."""
         s = self.manifest["sampling"]
-        sampled = self.format in ("sampled", "coo", "compact")
+        sampled = self.format in SAMPLING_FORMATS
         return {
             "vocab_size": self.params.vocab_size,
             "num_samples": self.params.num_samples if sampled else 0,
@@ -403,9 +402,12 @@ class StoreReader:
         }
 
     def info(self) -> dict[str, Any]:
-        """What a live server's INFO would say, from the manifest."""
+        """What a live server's INFO would say, from the manifest (a store replays recorded
+        draws: it takes attention masks, and seeds have no effect)."""
         m, s = self.manifest, self.manifest["sampling"]
         return {
+            "info_version": INFO_VERSION,
+            "features": ["attention_mask"],
             "model": m["teacher"]["model"],
             "revision": m["teacher"].get("revision"),
             "tokenizer_fingerprint": m["teacher"].get("tokenizer_fingerprint"),

@@ -9,19 +9,17 @@ Query parameters state what the client expects, refused at open when the manifes
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
 from ..errors import ClosedError, ProtocolError
+from ..protocol import INFO_TAG, SEED_FLAG, encode_info
 from .reader import StoreReader
 
 __all__ = ["ReplayEndpoint", "connect"]
 
-_INFO_TAG = 0x1001  # the INFO control request's tag (sensai.client.INFO_TAG)
-_SEED_FLAG = 0x1
 _QUERY = {"vocab_size", "format", "tokenizer", "sample_set"}
 
 
@@ -75,11 +73,10 @@ class ReplayEndpoint:
         if self._closed:
             raise ClosedError(f"the replay endpoint of {self.reader.directory} was closed")
         if kind == "control":
-            if tag != _INFO_TAG:
+            if tag != INFO_TAG:
                 raise ProtocolError(f"unknown control tag {tag:#x}")
-            blob = json.dumps(self.reader.info()).encode("utf-8")
-            return _Message("control", _INFO_TAG, [np.frombuffer(blob, dtype=np.uint8)])
-        if tag & ~_SEED_FLAG:
+            return _Message("control", INFO_TAG, encode_info(self.reader.info()))
+        if tag & ~SEED_FLAG:
             raise ValueError(f"unknown request flags {tag:#x} (only bit 0, seed)")
         if len(tensors) not in (1, 2):
             raise ValueError(

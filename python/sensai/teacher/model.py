@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import os
 import threading
 import warnings
@@ -30,7 +29,8 @@ import numpy as np
 import torch
 
 from .. import sampling
-from ..formats import FORMATS, TeacherOutput, build_output
+from ..formats import TeacherOutput, build_output
+from ..protocol import FORMATS, SamplingParams, format_spec
 from .load import load_teacher, resolve_device
 
 __all__ = ["TeacherLogitsServer", "TeacherSamples", "process_logits_request", "DEFAULT_CHUNK_SIZE"]
@@ -54,30 +54,6 @@ class TeacherSamples:
     logz_sampled: torch.Tensor
     logz_full: torch.Tensor
     mask: torch.Tensor
-
-
-def _full_mode(num_samples: int | None) -> bool:
-    return num_samples is None or num_samples in (0, -1)
-
-
-def _check_sampling_params(
-    num_samples: int | None, temperature: float, top_p: float, top_k: int
-) -> None:
-    if not _full_mode(num_samples) and (
-        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
-    ):
-        raise ValueError(
-            f"num_samples must be an int >= 1, or None, 0 or -1 for full logits; "
-            f"got {num_samples!r}"
-        )
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature)) or not (
-        temperature > 0
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not isinstance(top_p, int | float) or not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: no top-k mask), got {top_k!r}")
 
 
 def _check_format(output_format: str, topk: int) -> None:
@@ -157,11 +133,11 @@ class TeacherLogitsServer:
         topk: int = 64,
         **model_kwargs: Any,
     ) -> None:
-        _check_sampling_params(num_samples, temperature, top_p, top_k)
+        params = SamplingParams(num_samples, temperature, top_p, top_k)
         _check_chunk_size(chunk_size)
         _check_format(output_format, topk)
         model, tokenizer, dev = load_teacher(model_name, device, dtype, **model_kwargs)
-        self._setup(model, tokenizer, dev, num_samples, temperature, top_p, top_k, chunk_size)
+        self._setup(model, tokenizer, dev, params, chunk_size)
         self.output_format, self.topk = output_format, int(topk)
 
     @classmethod
@@ -183,7 +159,7 @@ class TeacherLogitsServer:
 
         ``device`` None keeps the model where it is; otherwise the model moves there.
         """
-        _check_sampling_params(num_samples, temperature, top_p, top_k)
+        params = SamplingParams(num_samples, temperature, top_p, top_k)
         _check_chunk_size(chunk_size)
         if device is None:
             dev = next(model.parameters()).device
@@ -193,7 +169,7 @@ class TeacherLogitsServer:
         model.eval()
         _check_format(output_format, topk)
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, dev, num_samples, temperature, top_p, top_k, chunk_size)
+        self._setup(model, tokenizer, dev, params, chunk_size)
         self.output_format, self.topk = output_format, int(topk)
         return self
 
@@ -202,19 +178,16 @@ class TeacherLogitsServer:
         model: Any,
         tokenizer: Any,
         device: torch.device,
-        num_samples: int | None,
-        temperature: float,
-        top_p: float,
-        top_k: int,
+        sampling_params: SamplingParams,
         chunk_size: int,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self.num_samples = num_samples
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.top_k = int(top_k)
+        self.num_samples = sampling_params.num_samples
+        self.temperature = float(sampling_params.temperature)
+        self.top_p = float(sampling_params.top_p)
+        self.top_k = int(sampling_params.top_k)
         self.chunk_size = chunk_size
         self._scratch: torch.Tensor | None = None  # see _sampling_scratch
         self._scratch_lock = threading.Lock()
@@ -319,6 +292,11 @@ class TeacherLogitsServer:
             if bool(mask.all()):
                 mask = None  # nothing padded: the plain (faster) path is the same
         return ids, mask
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The instance's sampling parameters (validated again if they were reassigned)."""
+        return SamplingParams(self.num_samples, self.temperature, self.top_p, self.top_k)
 
     @staticmethod
     def num_positions(seq_len: int) -> int:
@@ -441,14 +419,14 @@ class TeacherLogitsServer:
         ``seed`` (an int or a generator on the model's device) makes the draw reproducible
         for the same inputs and ``chunk_size``.
         """
-        n = self.num_samples if num_samples is None else num_samples
-        temperature = self.temperature if temperature is None else temperature
-        top_p = self.top_p if top_p is None else top_p
-        top_k = self.top_k if top_k is None else top_k
-        _check_sampling_params(n, temperature, top_p, top_k)
-        if _full_mode(n):
-            raise ValueError(f"num_samples must be >= 1 to sample, got {n!r}")
-        n = int(n)  # type: ignore[arg-type]  # not None: checked above
+        params = SamplingParams(
+            self.num_samples if num_samples is None else num_samples,
+            self.temperature if temperature is None else temperature,
+            self.top_p if top_p is None else top_p,
+            self.top_k if top_k is None else top_k,
+        )
+        n = params.samples("sample_input_ids")
+        temperature, top_p, top_k = params.temperature, params.top_p, params.top_k
         generator = _make_generator(seed, self.device)
         ids, mask = self.prepare_inputs(input_ids, attention_mask)
         b, p = ids.shape[0], self.num_positions(ids.shape[1])
@@ -488,11 +466,8 @@ class TeacherLogitsServer:
         bounded memory; see :mod:`sensai.formats`. A sampled format needs num_samples >= 1."""
         fmt = self.output_format if output_format is None else output_format
         _check_format(fmt, self.topk)
-        sampled = fmt in ("sampled", "coo", "compact")
-        if sampled and _full_mode(self.num_samples):
-            raise ValueError(
-                f"the {fmt!r} format samples; num_samples must be >= 1, got {self.num_samples!r}"
-            )
+        sampled = format_spec(fmt).samples
+        self.sampling.for_format(fmt)
         ids, mask = self.prepare_inputs(input_ids, attention_mask)
         b, p = ids.shape[0], self.num_positions(ids.shape[1])
         with self._sampling_scratch(b * p, chunk_size, fmt) as scratch:
@@ -541,7 +516,7 @@ class TeacherLogitsServer:
         """Full logits [B, S-1, V] when ``num_samples`` is None, 0 or -1; otherwise
         ``(indices, values)`` each [B, S-1, num_samples] (int64, float32), on the model's
         device."""
-        if _full_mode(self.num_samples):
+        if self.sampling.full:
             return self.get_logits_from_input_ids(input_ids, attention_mask, chunk_size=chunk_size)
         s = self.sample_input_ids(input_ids, attention_mask, seed=seed, chunk_size=chunk_size)
         return s.indices, s.values
@@ -558,11 +533,7 @@ class TeacherLogitsServer:
         ``[num_samples, S-1, V]`` whose indices are ``[sample, position, vocab]`` and whose
         values are the sampled (untempered) logits. One tensor for 1-D input, a list of B
         tensors for [B, S] input."""
-        if _full_mode(self.num_samples):
-            raise ValueError(
-                f"sample_to_sparse_coo needs num_samples >= 1, this teacher has "
-                f"{self.num_samples!r} (full logits)"
-            )
+        self.sampling.samples("sample_to_sparse_coo")
         one_sequence = _as_tensor(input_ids, "input_ids").dim() == 1
         s = self.sample_input_ids(input_ids, attention_mask, seed=seed, chunk_size=chunk_size)
         b, p, n = s.indices.shape

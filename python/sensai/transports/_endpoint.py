@@ -22,6 +22,7 @@ __all__ = [
     "SeedTransport",
     "to_wire",
     "from_message",
+    "message_arrays",
     "slot_count",
 ]
 
@@ -107,9 +108,10 @@ def to_wire(tensor_or_list: Any) -> tuple[list[np.ndarray], list[str | None] | N
     return arrays, (overrides if any(o is not None for o in overrides) else None), is_list
 
 
-def from_message(msg: _core.Message) -> Any:
-    """The tensors of a received message: an array, or a list when a list was sent."""
-    arrays: list[Any] = msg.arrays()  # numpy arrays, and torch tensors for bfloat16
+def message_arrays(msg: Any, copy: bool = False) -> list[Any]:
+    """A received message's tensors: numpy arrays, and torch bfloat16 tensors for bfloat16
+    (numpy has none); copied out of the message's buffer if ``copy``."""
+    arrays: list[Any] = [np.array(a) if copy else a for a in msg.arrays()]
     if msg.has_bfloat16:
         import torch
 
@@ -117,6 +119,12 @@ def from_message(msg: _core.Message) -> Any:
             torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if d == "bfloat16" else a
             for a, d in zip(arrays, msg.dtypes, strict=True)
         ]
+    return arrays
+
+
+def from_message(msg: _core.Message) -> Any:
+    """The tensors of a received message: an array, or a list when a list was sent."""
+    arrays = message_arrays(msg)
     if msg.is_list:
         return arrays
     if len(arrays) == 1:
@@ -124,7 +132,27 @@ def from_message(msg: _core.Message) -> Any:
     return arrays
 
 
-class ServerEndpointBase(Transport):
+class _OwnsCore:
+    """What both roles read from their `_core` endpoint; it is closed when dropped."""
+
+    _core: Any
+
+    @property
+    def limits(self) -> tuple[int, int, int]:
+        """The server's ``(max_tensors, max_dims, max_nbytes)``."""
+        return self._core.limits
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.close()
+
+
+class ServerEndpointBase(_OwnsCore, Transport):
     """Server endpoint over a `_core.ServerEndpoint`."""
 
     _factory: str = ""
@@ -221,15 +249,6 @@ class ServerEndpointBase(Transport):
         """The seed's name for :attr:`num_slots`."""
         return self._num_slots
 
-    @property
-    def limits(self) -> tuple[int, int, int]:
-        """``(max_tensors, max_dims, max_nbytes)``."""
-        return self._core.limits
-
-    @property
-    def closed(self) -> bool:
-        return self._core.closed
-
     # -- role checks ----------------------------------------------------------------
     def write_tensor(self, tensor: Any) -> None:
         raise RoleError("a server endpoint answers on a slot: use write_tensor_slot(slot_id, ...)")
@@ -240,16 +259,11 @@ class ServerEndpointBase(Transport):
     def request(self, tensor: Any, timeout: float | None = None) -> Any:
         raise RoleError("a server endpoint cannot send requests")
 
-    def __del__(self) -> None:
-        core = getattr(self, "_core", None)
-        if core is not None:
-            core.close()
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={self.path!r}, num_slots={self._num_slots})"
 
 
-class ClientEndpointBase(ClientMixin, Transport):
+class ClientEndpointBase(ClientMixin, _OwnsCore, Transport):
     """Client endpoint over a `_core.ClientEndpoint`, bound to one slot."""
 
     _factory: str = ""
@@ -352,15 +366,6 @@ class ClientEndpointBase(ClientMixin, Transport):
         arrays, dtypes, is_list = to_wire(tensor)
         return self._core.request(arrays, dtypes, is_list, tag, value, kind, timeout)
 
-    @property
-    def limits(self) -> tuple[int, int, int]:
-        """The server's ``(max_tensors, max_dims, max_nbytes)``."""
-        return self._core.limits
-
-    @property
-    def closed(self) -> bool:
-        return self._core.closed
-
     def close(self) -> None:
         self._core.close()
 
@@ -370,11 +375,6 @@ class ClientEndpointBase(ClientMixin, Transport):
 
     def send_error(self, slot_id: int, code: int, message: str) -> None:
         raise RoleError("a client endpoint cannot send error frames")
-
-    def __del__(self) -> None:
-        core = getattr(self, "_core", None)
-        if core is not None:
-            core.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={self.path!r}, slot_id={self.slot_id})"
