@@ -34,9 +34,9 @@ use crate::transport::lock::{pid_alive, read_pid, LockFile};
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::wait_fds;
 use crate::transport::{
-    check_client_kind, check_private, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
-    request_context, retry_until_up, slot_out_of_range, take_answer, Attempt, ClientEndpoint,
-    Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_client_kind, check_private, check_slot, client_frame_refusal, hello_ack_values,
+    parse_hello_ack, poll_fds, request_context, retry_until_up, slot_out_of_range, take_answer,
+    Attempt, ClientEndpoint, Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
 const MAX_PENDING: usize = 8;
@@ -389,11 +389,7 @@ impl FifoServer {
                         self.handshake(i, msg)?;
                         continue;
                     }
-                    if m.kind != Kind::Request && m.kind != Kind::Control {
-                        let text = format!(
-                            "a client may only send requests; got a {} frame",
-                            m.kind.name()
-                        );
+                    if let Some(text) = client_frame_refusal(&m) {
                         s.out.push(
                             frame::encode_error(m.request_id, i as u32, error_code::ROLE, &text)
                                 .as_slice()

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::frame::{self, Kind, Limits, Meta};
+use crate::frame::{self, control, Kind, Limits, Meta};
 use crate::transport::Message;
 
 /// A client sends requests (and upper-layer control frames), nothing else.
@@ -17,6 +17,31 @@ pub(crate) fn check_client_kind(meta: &Meta) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// What a server takes from a client once its session is open, decided here for every
+/// transport alike: requests, and control frames with the codes of upper layers
+/// ([`control::USER_BASE`] and above). The transports' own control codes (HELLO_ACK, ...) are
+/// theirs: a client frame carrying one, or a response or error frame, never reaches the
+/// application. The server answers it with a `ROLE` error frame carrying the returned text
+/// (the frame's request id, so it answers exactly that frame) and the session goes on.
+/// A transport whose handshake runs inside the session (a named pipe's HELLO opening a new
+/// one) handles that frame before it asks.
+pub(crate) fn client_frame_refusal(meta: &Meta) -> Option<String> {
+    match meta.kind {
+        Kind::Request => None,
+        Kind::Control if meta.app_tag >= control::USER_BASE => None,
+        Kind::Control => Some(format!(
+            "a client may not send control frames with code {} (codes below {:#x} belong to              the transports; upper layers use {:#x} and above)",
+            meta.app_tag,
+            control::USER_BASE,
+            control::USER_BASE
+        )),
+        kind => Some(format!(
+            "a client may only send requests; got a {} frame",
+            kind.name()
+        )),
+    }
 }
 
 /// The tensor of limits a server sends in its HELLO_ACK:

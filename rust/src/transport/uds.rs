@@ -25,9 +25,10 @@ use crate::transport::access::Owner;
 use crate::transport::lock::LockFile;
 use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
 use crate::transport::{
-    check_client_kind, check_peer_uid, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
-    rand_u64, request_context, retry_until_up, slot_range_text, take_answer, temp_context, Attempt,
-    ClientEndpoint, Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_client_kind, check_peer_uid, check_slot, client_frame_refusal, hello_ack_values,
+    parse_hello_ack, poll_fds, rand_u64, request_context, retry_until_up, slot_range_text,
+    take_answer, temp_context, Attempt, ClientEndpoint, Deadline, Interrupt, Message,
+    ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
 /// Most requests a server reads ahead on one slot before it stops reading that client.
@@ -476,13 +477,7 @@ impl UdsServer {
                     }
                     let slot = conn.slot.unwrap_or(0);
                     let m = *msg.meta();
-                    let transport_control =
-                        m.kind == Kind::Control && m.app_tag < control::USER_BASE;
-                    if (m.kind != Kind::Request && m.kind != Kind::Control) || transport_control {
-                        let text = format!(
-                            "a client may only send requests; got a {} frame",
-                            m.kind.name()
-                        );
+                    if let Some(text) = client_frame_refusal(&m) {
                         conn.out.push(
                             frame::encode_error(m.request_id, slot as u32, error_code::ROLE, &text)
                                 .as_slice()
