@@ -28,18 +28,17 @@ use rustix::event::{PollFd, PollFlags};
 use rustix::fs::{Mode, OFlags, CWD};
 
 use crate::error::{Error, IoContext, Result};
-use crate::frame::{self, control, error_code, DType, Kind, Limits, Meta, TensorRef};
+use crate::frame::{control, Kind, Limits, Meta, TensorRef};
 use crate::transport::access::Owner;
 use crate::transport::lock::{pid_alive, read_pid, LockFile};
-use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
+use crate::transport::stream::{self, Flush, FrameReader, Incoming, ReadStatus, Session};
 use crate::transport::wait_fds;
 use crate::transport::{
-    check_client_kind, check_private, check_slot, client_frame_refusal, hello_ack_values,
-    parse_hello_ack, poll_fds, request_context, retry_until_up, slot_out_of_range, take_answer,
-    Attempt, ClientEndpoint, Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_client_kind, check_private, check_slot, parse_hello_ack, poll_fds, request_context,
+    retry_until_up, slot_out_of_range, take_answer, Attempt, ClientEndpoint, Deadline, Interrupt,
+    Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
-const MAX_PENDING: usize = 8;
 /// Kernel buffer asked for each FIFO (the default is 64 KiB; Linux caps unprivileged
 /// requests at /proc/sys/fs/pipe-max-size, 1 MiB by default).
 const PIPE_SIZE: usize = 256 << 10;
@@ -139,15 +138,11 @@ fn make_fifo(path: &Path) -> Result<()> {
 struct Slot {
     req: File,
     resp: Option<File>,
-    reader: FrameReader,
-    out: OutQueue,
+    /// The client closed its request FIFO but may still read its response FIFO: the session
+    /// answers what it sent in full, then ends (replacing the FIFOs if the end of file cut a
+    /// frame short).
+    session: Session,
     connected: bool,
-    pending: VecDeque<Message>,
-    unanswered: VecDeque<u64>,
-    /// The client closed its request FIFO but still reads its response FIFO: the requests it
-    /// sent in full are answered, then the session ends (replacing the FIFOs if the value
-    /// is true: the end of file cut a frame short).
-    read_closed: Option<bool>,
     /// Bumped whenever the slot's session (or its file descriptors) changes, so that a poll
     /// event of the previous session is not applied to the next one.
     generation: u64,
@@ -265,12 +260,8 @@ impl FifoServer {
         Ok(Slot {
             req,
             resp: None,
-            reader: FrameReader::new(HANDSHAKE_LIMITS),
-            out: OutQueue::default(),
+            session: Session::new(),
             connected: false,
-            pending: VecDeque::new(),
-            unanswered: VecDeque::new(),
-            read_closed: None,
             generation: 0,
         })
     }
@@ -296,12 +287,8 @@ impl FifoServer {
         let dir = self.dir.clone();
         let s = &mut self.slots[i];
         s.resp = None;
-        s.reader = FrameReader::new(HANDSHAKE_LIMITS);
-        s.out.clear();
+        s.session = Session::new();
         s.connected = false;
-        s.pending.clear();
-        s.unanswered.clear();
-        s.read_closed = None;
         s.generation += 1;
         let (rq, rs) = (req_path(&dir, i), resp_path(&dir, i));
         if recreate {
@@ -330,36 +317,16 @@ impl FifoServer {
             Err(_) => return self.reset_slot(i, false),
         };
         let _ = rustix::pipe::fcntl_setpipe_size(&resp, PIPE_SIZE);
-        let limits = self.limits;
-        let vals = hello_ack_values(self.slots.len(), &limits);
+        let (limits, num_slots) = (self.limits, self.slots.len());
         let s = &mut self.slots[i];
-        s.resp = Some(resp);
-        s.out.clear();
-        s.pending.clear();
-        s.unanswered.clear();
+        let resp = s.resp.insert(resp);
         s.connected = true;
         s.generation += 1;
-        s.reader.set_limits(limits);
-        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let meta = Meta {
-            kind: Kind::Control,
-            flags: 0,
-            request_id: m.request_id,
-            slot: i as u32,
-            app_tag: control::HELLO_ACK,
-            app_value: i as u64,
-        };
-        let t = [TensorRef {
-            dtype: DType::UInt64,
-            shape: &[5],
-            data: &bytes,
-        }];
-        if let Some(resp) = s.resp.as_mut() {
-            if let Flush::PeerGone =
-                stream::send_nonblocking(resp, &mut s.out, &meta, &t, &HANDSHAKE_LIMITS)?
-            {
-                return self.reset_slot(i, false);
-            }
+        if let Flush::PeerGone = s
+            .session
+            .ack_hello(resp, m.request_id, i, num_slots, limits)?
+        {
+            return self.reset_slot(i, false);
         }
         Ok(())
     }
@@ -368,67 +335,43 @@ impl FifoServer {
         if writable {
             let s = &mut self.slots[i];
             if let Some(resp) = s.resp.as_mut() {
-                if s.out.flush(resp)? == Flush::PeerGone {
+                if s.session.flush(resp)? == Flush::PeerGone {
                     return self.reset_slot(i, false);
                 }
             }
             self.close_if_answered(i)?;
         }
-        if !readable || self.slots[i].read_closed.is_some() {
+        if !readable || self.slots[i].session.is_read_closed() {
             return Ok(());
         }
         loop {
             let s = &mut self.slots[i];
-            if s.pending.len() >= MAX_PENDING {
-                return Ok(());
-            }
-            match s.reader.read_from(&mut s.req) {
-                Ok(ReadStatus::Frame(msg)) => {
-                    let m = *msg.meta();
-                    if !s.connected || (m.kind == Kind::Control && m.app_tag == control::HELLO) {
-                        self.handshake(i, msg)?;
-                        continue;
-                    }
-                    if let Some(text) = client_frame_refusal(&m) {
-                        s.out.push(
-                            frame::encode_error(m.request_id, i as u32, error_code::ROLE, &text)
-                                .as_slice()
-                                .to_vec(),
-                        );
-                        continue;
-                    }
-                    s.unanswered.push_back(m.request_id);
-                    s.pending.push_back(msg);
-                }
-                Ok(ReadStatus::WouldBlock) => return Ok(()),
-                Ok(ReadStatus::Eof) => {
+            let connected = s.connected;
+            // A HELLO on a connected slot opens a new session: its previous client may have
+            // died unnoticed.
+            let is_handshake =
+                |m: &Meta| !connected || (m.kind == Kind::Control && m.app_tag == control::HELLO);
+            match s.session.read(&mut s.req, i as u32, is_handshake)? {
+                Incoming::Handshake(msg) => self.handshake(i, msg)?,
+                Incoming::Idle => return Ok(()),
+                Incoming::Eof { partial } => {
                     // The client closed its end (or died): end the session, unless it still
                     // reads the answers owed to requests it sent in full (or the rest of
                     // answers already queued).
-                    let partial = s.reader.in_progress();
                     let reading = s
                         .resp
                         .as_ref()
                         .is_some_and(|r| !stream::peer_cannot_read(r));
-                    if s.connected && stream::owes_client(&s.unanswered, &s.out) && reading {
-                        s.read_closed = Some(partial);
+                    if s.connected && s.session.end_of_requests(partial, reading) {
                         return Ok(());
                     }
                     return self.reset_slot(i, partial);
                 }
-                Err(Error::Frame(e)) => {
+                Incoming::Malformed(e) => {
                     // Tell the client if we can, then start the slot over on new FIFOs.
-                    if let Some(resp) = s.resp.as_mut() {
-                        s.out.push(
-                            frame::encode_error(0, i as u32, error_code::PROTOCOL, &e.to_string())
-                                .as_slice()
-                                .to_vec(),
-                        );
-                        let _ = s.out.flush(resp);
-                    }
+                    s.session.refuse_malformed(s.resp.as_mut(), i as u32, &e);
                     return self.reset_slot(i, true);
                 }
-                Err(e) => return Err(e),
             }
         }
     }
@@ -448,15 +391,15 @@ impl FifoServer {
         for (i, s) in self.slots.iter().enumerate() {
             // A request FIFO without a writer reports a hang-up to every poll: leave it out
             // once the client closed it.
-            if s.pending.len() < MAX_PENDING && s.read_closed.is_none() {
+            if s.session.wants_read() {
                 fds.push(PollFd::new(&s.req, PollFlags::IN));
                 owners.push((i, true, s.generation));
             }
             if let Some(resp) = &s.resp {
-                let ev = if s.out.is_empty() {
-                    PollFlags::empty()
-                } else {
+                let ev = if s.session.wants_write() {
                     PollFlags::OUT
+                } else {
+                    PollFlags::empty()
                 };
                 fds.push(PollFd::new(resp, ev));
                 owners.push((i, false, s.generation));
@@ -496,18 +439,15 @@ impl FifoServer {
 
     /// End the session of a client that closed its request FIFO once its last answer is sent.
     fn close_if_answered(&mut self, i: usize) -> Result<()> {
-        let s = &self.slots[i];
-        match s.read_closed {
-            Some(recreate) if !stream::owes_client(&s.unanswered, &s.out) => {
-                self.reset_slot(i, recreate)
-            }
-            _ => Ok(()),
+        match self.slots[i].session.finished() {
+            Some(recreate) => self.reset_slot(i, recreate),
+            None => Ok(()),
         }
     }
 
     fn ready_slots(&self) -> Vec<usize> {
         (0..self.slots.len())
-            .filter(|&i| !self.slots[i].pending.is_empty())
+            .filter(|&i| self.slots[i].session.has_pending())
             .collect()
     }
 }
@@ -541,57 +481,37 @@ impl ServerEndpoint for FifoServer {
     fn is_ready_slot(&mut self, slot: usize) -> Result<bool> {
         self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
-        if self.slots[slot].pending.is_empty() {
+        if !self.slots[slot].session.has_pending() {
             self.pump(Duration::ZERO)?;
         }
-        Ok(!self.slots[slot].pending.is_empty())
+        Ok(self.slots[slot].session.has_pending())
     }
 
     fn recv(&mut self, slot: usize) -> Result<Option<Message>> {
         self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
-        if self.slots[slot].pending.is_empty() {
+        if !self.slots[slot].session.has_pending() {
             self.pump(Duration::ZERO)?;
         }
-        Ok(self.slots[slot].pending.pop_front())
+        Ok(self.slots[slot].session.take())
     }
 
-    fn send(&mut self, slot: usize, mut meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
+    fn send(&mut self, slot: usize, meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
         self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
         let limits = self.limits;
-        let dir = self.dir.display().to_string();
         let s = &mut self.slots[slot];
         let resp = match (&mut s.resp, s.connected) {
             (Some(r), true) => r,
-            _ => {
-                return Err(Error::PeerGone(format!(
-                    "no client holds slot {slot} of the server at {dir}"
-                )))
-            }
+            _ => return Err(stream::no_client(slot, &self.dir)),
         };
-        frame::layout(
-            &tensors
-                .iter()
-                .map(|t| frame::TensorSpec {
-                    dtype: t.dtype,
-                    shape: t.shape,
-                })
-                .collect::<Vec<_>>(),
-            &limits,
-        )
-        .map_err(|e| match e {
-            Error::Capacity(m) => Error::Capacity(format!("response on slot {slot} of {dir}: {m}")),
-            other => other,
-        })?;
-        meta.slot = slot as u32;
-        meta.request_id = s.unanswered.pop_front().unwrap_or(0);
-        match stream::send_nonblocking(resp, &mut s.out, &meta, tensors, &limits)? {
+        match s
+            .session
+            .send(resp, slot, meta, tensors, &limits, &self.dir)?
+        {
             Flush::PeerGone => {
                 self.reset_slot(slot, false)?;
-                Err(Error::PeerGone(format!(
-                    "the client on slot {slot} of {dir} went away"
-                )))
+                Err(stream::went_away(slot, &self.dir))
             }
             _ => self.close_if_answered(slot),
         }
@@ -600,20 +520,11 @@ impl ServerEndpoint for FifoServer {
     fn send_error(&mut self, slot: usize, code: u32, message: &str) -> Result<()> {
         self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
-        let dir = self.dir.display().to_string();
         let s = &mut self.slots[slot];
-        let rid = s.unanswered.pop_front().unwrap_or(0);
         let Some(resp) = s.resp.as_mut() else {
-            return Err(Error::PeerGone(format!(
-                "no client holds slot {slot} of the server at {dir}"
-            )));
+            return Err(stream::no_client(slot, &self.dir));
         };
-        s.out.push(
-            frame::encode_error(rid, slot as u32, code, message)
-                .as_slice()
-                .to_vec(),
-        );
-        if s.out.flush(resp)? == Flush::PeerGone {
+        if s.session.send_error(resp, slot, code, message)? == Flush::PeerGone {
             return self.reset_slot(slot, false);
         }
         self.close_if_answered(slot)
@@ -1008,6 +919,7 @@ impl Drop for FifoClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::DType;
     use crate::transport::no_interrupt;
 
     fn connect(path: &Path) -> std::thread::JoinHandle<Result<FifoClient>> {

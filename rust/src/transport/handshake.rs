@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::frame::{self, control, Kind, Limits, Meta};
+use crate::frame::{self, control, Kind, Limits, Meta, TensorRef};
 use crate::transport::Message;
 
 /// A client sends requests (and upper-layer control frames), nothing else.
@@ -44,16 +44,50 @@ pub(crate) fn client_frame_refusal(meta: &Meta) -> Option<String> {
     }
 }
 
-/// The tensor of limits a server sends in its HELLO_ACK:
+/// The shape of the one tensor of a HELLO_ACK.
+const ACK_SHAPE: [u64; 1] = [5];
+
+/// The tensor of limits a server sends in its HELLO_ACK, little-endian uint64:
 /// `[num_slots, max_tensors, max_dims, max_payload_bytes, server_pid]`.
-pub(crate) fn hello_ack_values(num_slots: usize, limits: &Limits) -> [u64; 5] {
-    [
+pub(crate) struct AckValues([u8; 40]);
+
+impl AckValues {
+    pub fn tensor(&self) -> TensorRef<'_> {
+        TensorRef {
+            dtype: frame::DType::UInt64,
+            shape: &ACK_SHAPE,
+            data: &self.0,
+        }
+    }
+}
+
+/// The HELLO_ACK that grants `slot` of `num_slots` to the HELLO `request_id`.
+pub(crate) fn hello_ack(
+    request_id: u64,
+    slot: usize,
+    num_slots: usize,
+    limits: &Limits,
+) -> (Meta, AckValues) {
+    let values = [
         num_slots as u64,
         u64::from(limits.max_tensors),
         u64::from(limits.max_dims),
         limits.max_payload_bytes,
         u64::from(rustix::process::getpid().as_raw_nonzero().get() as u32),
-    ]
+    ];
+    let mut bytes = [0u8; 40];
+    for (dst, v) in bytes.chunks_exact_mut(8).zip(values) {
+        dst.copy_from_slice(&v.to_le_bytes());
+    }
+    let meta = Meta {
+        kind: Kind::Control,
+        flags: 0,
+        request_id,
+        slot: slot as u32,
+        app_tag: control::HELLO_ACK,
+        app_value: slot as u64,
+    };
+    (meta, AckValues(bytes))
 }
 
 /// The server's parameters a client learns from HELLO_ACK.

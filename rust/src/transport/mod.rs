@@ -34,6 +34,5 @@ pub use endpoint::{
     no_interrupt, ClientEndpoint, Interrupt, Message, ServerEndpoint, INTERRUPT_CHECK,
 };
 pub(crate) use handshake::{
-    check_client_kind, client_frame_refusal, hello_ack_values, parse_hello_ack, rand_u64,
-    HANDSHAKE_LIMITS,
+    check_client_kind, client_frame_refusal, parse_hello_ack, rand_u64, HANDSHAKE_LIMITS,
 };

@@ -1265,25 +1265,10 @@ impl ServerEndpoint for ShmServer {
 
     fn send(&mut self, slot: usize, meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
         self.owner.check(|| self.what_server())?;
-        let specs: Vec<TensorSpec<'_>> = tensors
-            .iter()
-            .map(|t| TensorSpec {
-                dtype: t.dtype,
-                shape: t.shape,
-            })
-            .collect();
-        let mut r = self.reserve(slot, meta, &specs)?;
+        let mut r = self.reserve(slot, meta, &frame::specs_of(tensors))?;
         for (i, t) in tensors.iter().enumerate() {
             let dst = r.tensor_mut(i).unwrap_or(&mut []);
-            if dst.len() != t.data.len() {
-                return Err(Error::InvalidArgument(format!(
-                    "tensor {i}: {} data bytes given for shape {:?} of {} ({} expected)",
-                    t.data.len(),
-                    t.shape,
-                    t.dtype.name(),
-                    dst.len()
-                )));
-            }
+            frame::check_data_len(i, t, dst.len() as u64)?;
             dst.copy_from_slice(t.data);
         }
         self.publish(r)
@@ -1969,25 +1954,8 @@ impl ClientEndpoint for ShmClient {
             )));
         }
         let what = self.what();
-        let specs: Vec<TensorSpec<'_>> = tensors
-            .iter()
-            .map(|t| TensorSpec {
-                dtype: t.dtype,
-                shape: t.shape,
-            })
-            .collect();
-        let lay = frame::layout(&specs, &self.limits).map_err(|e| request_context(e, &what))?;
-        for (i, t) in tensors.iter().enumerate() {
-            if t.data.len() as u64 != lay.nbytes[i] {
-                return Err(Error::InvalidArgument(format!(
-                    "tensor {i}: {} data bytes given for shape {:?} of {} ({} expected)",
-                    t.data.len(),
-                    t.shape,
-                    t.dtype.name(),
-                    lay.nbytes[i]
-                )));
-            }
-        }
+        let (specs, lay) =
+            frame::layout_data(tensors, &self.limits).map_err(|e| request_context(e, &what))?;
         let deadline = Deadline::after(timeout);
         // Room for the answer: responses owed plus buffers held by live messages.
         self.room_for_answer(&region, &deadline, interrupt)?;
