@@ -78,12 +78,26 @@ impl DirWatch {
     }
 }
 
-/// What one attempt to reach a server found.
-pub(crate) enum Attempt<T> {
-    /// Connected.
-    Done(T),
-    /// No server (yet): the error to report if the deadline has passed.
+/// Why one attempt to reach a server did not connect. Private to the connect loops: a
+/// caller only ever sees the error inside (after the deadline, for `NotYet`).
+#[derive(Debug)]
+pub(crate) enum Retry {
+    /// No server (yet), or it restarted under us: try again until the deadline, then report
+    /// this error.
     NotYet(Error),
+    /// A failure no retry can mend (a bad argument, a file of another user, ...).
+    Fail(Error),
+}
+
+impl From<Error> for Retry {
+    fn from(e: Error) -> Retry {
+        Retry::Fail(e)
+    }
+}
+
+/// `Err(Retry::NotYet)` with a [`Error::PeerGone`] saying `what`.
+pub(crate) fn not_yet<T>(what: String) -> Result<T, Retry> {
+    Err(Retry::NotYet(Error::PeerGone(what)))
 }
 
 /// Run `attempt` until it connects, fails for good, or the deadline passes, blocking between
@@ -96,13 +110,14 @@ pub(crate) fn retry_until_up<T>(
     dirs: &[&Path],
     deadline: &Deadline,
     interrupt: Interrupt<'_>,
-    mut attempt: impl FnMut(Interrupt<'_>) -> Result<Attempt<T>>,
+    mut attempt: impl FnMut(Interrupt<'_>) -> Result<T, Retry>,
 ) -> Result<T> {
     let mut watch: Option<DirWatch> = None;
     loop {
-        let why = match attempt(&mut *interrupt)? {
-            Attempt::Done(v) => return Ok(v),
-            Attempt::NotYet(e) => e,
+        let why = match attempt(&mut *interrupt) {
+            Ok(v) => return Ok(v),
+            Err(Retry::Fail(e)) => return Err(e),
+            Err(Retry::NotYet(e)) => e,
         };
         if deadline.expired() {
             return Err(why);

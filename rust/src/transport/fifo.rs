@@ -32,12 +32,12 @@ use crate::frame::{control, Kind, Limits, Meta, TensorRef};
 use crate::transport::access::Owner;
 use crate::transport::lock::{pid_alive, read_pid, LockFile};
 use crate::transport::stream::{self, Flush, FrameReader, Incoming, ReadStatus, Session};
-use crate::transport::wait_fds;
 use crate::transport::{
-    check_client_kind, check_private, check_slot, parse_hello_ack, poll_fds, request_context,
-    retry_until_up, slot_out_of_range, take_answer, Attempt, ClientEndpoint, Deadline, Interrupt,
-    Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_client_kind, check_private, check_slot, not_yet, parse_hello_ack, poll_fds,
+    request_context, retry_until_up, slot_out_of_range, take_answer, ClientEndpoint, Deadline,
+    Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
+use crate::transport::{wait_fds, Retry};
 
 /// Kernel buffer asked for each FIFO (the default is 64 KiB; Linux caps unprivileged
 /// requests at /proc/sys/fs/pipe-max-size, 1 MiB by default).
@@ -77,18 +77,15 @@ fn open_fifo(path: &Path, write: bool) -> std::io::Result<File> {
 
 /// A client's check of the pipe directory `dir` (one `lstat`): a real directory (not a
 /// symbolic link), owned by this user, and, with `forbidden = Some(0o077)`, closed to
-/// everybody else. Returns its metadata. No directory yet is [`Error::PeerGone`] (a server
+/// everybody else. Returns its metadata. No directory yet is [`Retry::NotYet`] (a server
 /// may still come).
-fn check_pipe_dir(dir: &Path, forbidden: Option<u32>) -> Result<std::fs::Metadata> {
+fn check_pipe_dir(dir: &Path, forbidden: Option<u32>) -> Result<std::fs::Metadata, Retry> {
     let md = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            return Err(Error::PeerGone(format!(
-                "no server is running on {}",
-                dir.display()
-            )))
+            return not_yet(format!("no server is running on {}", dir.display()))
         }
-        Err(e) => return Err(Error::io_path("cannot inspect", dir, e)),
+        Err(e) => return Err(Error::io_path("cannot inspect", dir, e).into()),
     };
     if !md.is_dir() {
         let kind = if md.file_type().is_symlink() {
@@ -99,7 +96,8 @@ fn check_pipe_dir(dir: &Path, forbidden: Option<u32>) -> Result<std::fs::Metadat
         return Err(Error::Protocol(format!(
             "{} is not a SensAI pipe directory: it is {kind}; refusing to connect",
             dir.display()
-        )));
+        ))
+        .into());
     }
     check_private(
         "pipe directory",
@@ -568,6 +566,20 @@ impl Drop for FifoServer {
     }
 }
 
+/// The liveness check of a waiting client: the server process `pid` still runs. (A FIFO
+/// shows a hang-up only once a writer has come and gone, so a wait also asks this.)
+fn server_liveness(pid: u32) -> impl FnMut() -> Result<()> {
+    move || {
+        if pid_alive(pid) {
+            Ok(())
+        } else {
+            Err(Error::PeerGone(format!(
+                "the server (pid {pid}) has exited"
+            )))
+        }
+    }
+}
+
 /// The client endpoint of the named-pipe transport.
 pub struct FifoClient {
     dir: PathBuf,
@@ -599,12 +611,7 @@ impl FifoClient {
             _ => PathBuf::from("."),
         };
         retry_until_up(&[&parent, &dir], &deadline, interrupt, |interrupt| {
-            match Self::try_connect(&dir, slot, &deadline, interrupt) {
-                Ok(c) => Ok(Attempt::Done(c)),
-                // The server is not there yet, or it restarted the slot under us.
-                Err(e @ Error::PeerGone(_)) => Ok(Attempt::NotYet(e)),
-                Err(e) => Err(e),
-            }
+            Self::try_connect(&dir, slot, &deadline, interrupt)
         })
     }
 
@@ -613,7 +620,7 @@ impl FifoClient {
         slot: Option<usize>,
         deadline: &Deadline,
         interrupt: Interrupt<'_>,
-    ) -> Result<FifoClient> {
+    ) -> Result<FifoClient, Retry> {
         // The pipe directory is the gate to every file of the server: it must be a real
         // directory of ours (another user's is refused now, not after the connect timeout).
         let md = check_pipe_dir(dir, None)?;
@@ -621,12 +628,12 @@ impl FifoClient {
         // connect timeout.
         if let Err(e) = std::fs::metadata(server_lock_path(dir)) {
             if e.kind() == ErrorKind::PermissionDenied {
-                return Err(Error::io_path("cannot reach the server at", dir, e));
+                return Err(Error::io_path("cannot reach the server at", dir, e).into());
             }
         }
-        let server_pid = read_pid(&server_lock_path(dir))
-            .filter(|p| pid_alive(*p))
-            .ok_or_else(|| Error::PeerGone(format!("no server is running on {}", dir.display())))?;
+        let Some(server_pid) = read_pid(&server_lock_path(dir)).filter(|p| pid_alive(*p)) else {
+            return not_yet(format!("no server is running on {}", dir.display()));
+        };
         // ... and nobody else may use it. Checked once a server runs there: a server that
         // reuses an existing directory narrows its mode to 0700 before it writes its pid, so a
         // client that came first keeps waiting rather than refusing that directory.
@@ -639,7 +646,7 @@ impl FifoClient {
                 if !p.exists() {
                     // The server made one lease file per slot, numbered from 0.
                     let n = (0..s).find(|&i| !lease_path(dir, i).exists()).unwrap_or(s);
-                    return Err(slot_out_of_range(s, Some(n), dir));
+                    return Err(slot_out_of_range(s, Some(n), dir).into());
                 }
                 match LockFile::try_acquire(&p, false)? {
                     Some(l) => (s, l),
@@ -647,7 +654,8 @@ impl FifoClient {
                         return Err(Error::Capacity(format!(
                             "slot {s} of the server at {} is in use by another client",
                             dir.display()
-                        )))
+                        ))
+                        .into())
                     }
                 }
             }
@@ -659,7 +667,8 @@ impl FifoClient {
                         return Err(Error::Capacity(format!(
                             "all {i} slots of the server at {} are in use",
                             dir.display()
-                        )));
+                        ))
+                        .into());
                     }
                     if let Some(l) = LockFile::try_acquire(&p, false)? {
                         break (i, l);
@@ -670,7 +679,7 @@ impl FifoClient {
         };
         let (rq, rs) = (req_path(dir, slot), resp_path(dir, slot));
         let gone = |e: std::io::Error, p: &Path| {
-            Error::PeerGone(format!("cannot open {}: {e}", p.display()))
+            Retry::NotYet(Error::PeerGone(format!("cannot open {}: {e}", p.display())))
         };
         let resp = open_fifo(&rs, false).map_err(|e| gone(e, &rs))?;
         check_fifo(&resp, &rs)?;
@@ -683,10 +692,10 @@ impl FifoClient {
         // closes the server's read end of the request FIFO we hold, which the wait for the
         // acknowledgement below notices.
         if !still_names(&rs, &resp) || !still_names(&rq, &req) {
-            return Err(Error::PeerGone(format!(
+            return not_yet(format!(
                 "the server replaced the FIFOs of slot {slot} of {} while we opened them",
                 dir.display()
-            )));
+            ));
         }
         let mut c = FifoClient {
             dir: dir.to_path_buf(),
@@ -721,25 +730,39 @@ impl FifoClient {
                 .unwrap_or(Duration::from_secs(2))
                 .min(Duration::from_secs(2)),
         ));
-        let pid = server_pid;
-        let mut live = move || {
-            if pid_alive(pid) {
-                Ok(())
-            } else {
-                Err(Error::PeerGone(format!(
-                    "the server (pid {pid}) has exited"
-                )))
-            }
-        };
+        // A server that left or restarted the slot before it acknowledged: try again (a new
+        // server may come up at the same directory before the deadline).
+        let params = c
+            .handshake(nonce, &meta, &what, &hs, interrupt)
+            .map_err(|e| match e {
+                e @ Error::PeerGone(_) => Retry::NotYet(e),
+                e => Retry::Fail(e),
+            })?;
+        c.limits = params.limits;
+        c.reader.set_limits(params.limits);
+        Ok(c)
+    }
+
+    /// Send our HELLO (`meta`, request id `nonce`) and read the server's answer.
+    fn handshake(
+        &mut self,
+        nonce: u64,
+        meta: &Meta,
+        what: &str,
+        hs: &Deadline,
+        interrupt: Interrupt<'_>,
+    ) -> Result<crate::transport::handshake::ServerParams> {
+        let c = self;
+        let mut live = server_liveness(c.server_pid);
         let req = c.req.as_mut().ok_or(Error::Closed)?;
         stream::send_blocking(
             req,
-            &meta,
+            meta,
             &[],
             &HANDSHAKE_LIMITS,
-            &hs,
+            hs,
             interrupt,
-            &|| what.clone(),
+            &|| what.to_string(),
             &mut live,
         )?;
         let resp = c.resp.as_mut().ok_or(Error::Closed)?;
@@ -758,7 +781,7 @@ impl FifoClient {
                 PollFd::new(&*resp, PollFlags::IN),
                 PollFd::new(req, PollFlags::empty()),
             ];
-            match wait_fds(&mut fds, &hs, interrupt, &|| what.clone(), &mut live) {
+            match wait_fds(&mut fds, hs, interrupt, &|| what.to_string(), &mut live) {
                 Ok(()) => {}
                 Err(Error::Timeout { .. }) => {
                     return Err(Error::PeerGone(format!(
@@ -783,13 +806,13 @@ impl FifoClient {
                 )));
             }
         };
-        if msg.meta().request_id != nonce {
+        // An acknowledgement of another HELLO (a previous client's, left in the FIFO) is
+        // stale: start over. A refusal with request id 0 answers ours (parse_hello_ack raises it).
+        let m = msg.meta();
+        if m.request_id != nonce && !(m.kind == Kind::Error && m.request_id == 0) {
             return Err(Error::PeerGone(format!("{what}: stale acknowledgement")));
         }
-        let params = parse_hello_ack(&msg, nonce, dir)?;
-        c.limits = params.limits;
-        c.reader.set_limits(params.limits);
-        Ok(c)
+        parse_hello_ack(&msg, nonce, &c.dir)
     }
 
     fn what(&self) -> String {
@@ -823,15 +846,7 @@ impl ClientEndpoint for FifoClient {
         meta.request_id = id;
         meta.slot = self.slot as u32;
         let deadline = Deadline::after(timeout);
-        let mut live = move || {
-            if pid_alive(pid) {
-                Ok(())
-            } else {
-                Err(Error::PeerGone(format!(
-                    "the server (pid {pid}) has exited"
-                )))
-            }
-        };
+        let mut live = server_liveness(pid);
         stream::send_blocking(
             req,
             &meta,
@@ -864,15 +879,7 @@ impl ClientEndpoint for FifoClient {
         let pid = self.server_pid;
         let resp = self.resp.as_mut().ok_or(Error::Closed)?;
         let deadline = Deadline::after(timeout);
-        let mut live = move || {
-            if pid_alive(pid) {
-                Ok(())
-            } else {
-                Err(Error::PeerGone(format!(
-                    "the server (pid {pid}) has exited"
-                )))
-            }
-        };
+        let mut live = server_liveness(pid);
         let msg = stream::recv_blocking(
             resp,
             &mut self.reader,
@@ -1020,6 +1027,42 @@ mod tests {
             took < Duration::from_secs(1),
             "the client connected {took:?} after the replacement; expected well under the 2 s \
              handshake deadline"
+        );
+    }
+
+    /// A refusal of the handshake with request id 0 (one the server made before it read the
+    /// HELLO) answers our HELLO, as `parse_hello_ack` says: it is raised at once, not taken
+    /// for a stale acknowledgement and retried until the connect deadline.
+    #[test]
+    fn a_refusal_with_request_id_0_is_raised_not_retried() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pipes");
+        let srv = FifoServer::bind(&path, 1, Limits::default()).expect("bind");
+        let client = connect(&path);
+        {
+            let mut fds = [PollFd::new(&srv.slots[0].req, PollFlags::IN)];
+            let n = poll_fds(&mut fds, Duration::from_secs(10)).expect("poll");
+            assert!(n > 0, "no hello came within 10 s");
+        }
+        let refusal = crate::frame::encode_error(
+            0,
+            0,
+            crate::frame::error_code::UNAVAILABLE,
+            "the server is shutting down",
+        );
+        let mut resp = open_fifo(&resp_path(&path, 0), true).expect("open");
+        resp.write_all(refusal.as_slice()).expect("write");
+        let start = std::time::Instant::now();
+        let e = client.join().expect("thread").err().expect("refused");
+        assert!(
+            matches!(e, Error::Capacity(_)) && e.to_string().contains("shutting down"),
+            "{e:?}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
         );
     }
 

@@ -26,7 +26,7 @@ pub use deadline::Deadline;
 pub(crate) use deadline::{poll_fds, wait_fd, wait_fds};
 #[cfg(test)]
 pub(crate) use discover::testing;
-pub(crate) use discover::{retry_until_up, Attempt, DirWatch};
+pub(crate) use discover::{not_yet, retry_until_up, DirWatch, Retry};
 pub(crate) use endpoint::{
     check_slot, finish_response, request_context, slot_out_of_range, slot_range_text, take_answer,
 };

@@ -25,9 +25,9 @@ use crate::transport::access::Owner;
 use crate::transport::lock::LockFile;
 use crate::transport::stream::{self, Flush, FrameReader, Incoming, ReadStatus, Session};
 use crate::transport::{
-    check_client_kind, check_peer_uid, check_slot, parse_hello_ack, poll_fds, rand_u64,
-    request_context, retry_until_up, slot_range_text, take_answer, temp_context, Attempt,
-    ClientEndpoint, Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_client_kind, check_peer_uid, check_slot, not_yet, parse_hello_ack, poll_fds, rand_u64,
+    request_context, retry_until_up, slot_range_text, take_answer, temp_context, ClientEndpoint,
+    Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
 
 /// Kernel send buffer asked for each connection: large enough to keep a big response
@@ -670,17 +670,17 @@ impl UdsClient {
             &deadline,
             interrupt,
             |_| match UnixStream::connect(&path) {
-                Ok(s) => Ok(Attempt::Done(s)),
+                Ok(s) => Ok(s),
                 Err(e)
                     if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) =>
                 {
-                    Ok(Attempt::NotYet(Error::PeerGone(format!(
+                    not_yet(format!(
                         "no server is listening on {} (waited {:.1}s): {e}",
                         path.display(),
                         deadline.elapsed().as_secs_f64()
-                    ))))
+                    ))
                 }
-                Err(e) => Err(Error::io_path("cannot connect to", &path, e)),
+                Err(e) => Err(Error::io_path("cannot connect to", &path, e).into()),
             },
         )?;
         // Who listens there: a socket another user bound (at a path we were given, or put
