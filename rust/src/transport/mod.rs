@@ -8,7 +8,7 @@
 //!
 //! Every blocking call takes a deadline (`None` = no deadline) and an interrupt callback
 //! that it calls at least every [`INTERRUPT_CHECK`] so that the embedding program (Python's
-//! Ctrl-C) can stop it; a vanished peer ends the wait with [`Error::PeerGone`].
+//! Ctrl-C) can stop it; a vanished peer ends the wait with [`crate::Error::PeerGone`].
 
 pub(crate) mod access;
 mod deadline;
