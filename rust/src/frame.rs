@@ -732,29 +732,50 @@ pub struct TensorRef<'a> {
     pub data: &'a [u8],
 }
 
-/// Encode a whole frame into a new buffer (one copy of each tensor's bytes).
-pub fn encode(meta: &Meta, tensors: &[TensorRef<'_>], limits: &Limits) -> Result<AlignedBuf> {
-    check_meta(meta)?;
-    let limits = &effective_limits(meta.kind, limits);
-    let specs: Vec<TensorSpec<'_>> = tensors
+/// The descriptions of `tensors`, for [`layout`].
+pub fn specs_of<'a>(tensors: &[TensorRef<'a>]) -> Vec<TensorSpec<'a>> {
+    tensors
         .iter()
         .map(|t| TensorSpec {
             dtype: t.dtype,
             shape: t.shape,
         })
-        .collect();
+        .collect()
+}
+
+/// Lay out `tensors` (as [`layout`]) and check that each one's data has the length its
+/// shape and dtype call for.
+pub fn layout_data<'a>(
+    tensors: &[TensorRef<'a>],
+    limits: &Limits,
+) -> Result<(Vec<TensorSpec<'a>>, Layout)> {
+    let specs = specs_of(tensors);
     let lay = layout(&specs, limits)?;
     for (i, t) in tensors.iter().enumerate() {
-        if t.data.len() as u64 != lay.nbytes[i] {
-            return Err(Error::InvalidArgument(format!(
-                "tensor {i}: {} data bytes given for shape {:?} of {} ({} expected)",
-                t.data.len(),
-                t.shape,
-                t.dtype.name(),
-                lay.nbytes[i]
-            )));
-        }
+        check_data_len(i, t, lay.nbytes[i])?;
     }
+    Ok((specs, lay))
+}
+
+/// `Err` unless tensor `i` has `expected` data bytes.
+pub fn check_data_len(i: usize, t: &TensorRef<'_>, expected: u64) -> Result<()> {
+    if t.data.len() as u64 == expected {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "tensor {i}: {} data bytes given for shape {:?} of {} ({} expected)",
+        t.data.len(),
+        t.shape,
+        t.dtype.name(),
+        expected
+    )))
+}
+
+/// Encode a whole frame into a new buffer (one copy of each tensor's bytes).
+pub fn encode(meta: &Meta, tensors: &[TensorRef<'_>], limits: &Limits) -> Result<AlignedBuf> {
+    check_meta(meta)?;
+    let limits = &effective_limits(meta.kind, limits);
+    let (specs, lay) = layout_data(tensors, limits)?;
     let mut buf = AlignedBuf::zeroed(lay.total_len as usize);
     write_prefix(buf.as_mut_slice(), meta, &specs, &lay);
     for (i, t) in tensors.iter().enumerate() {

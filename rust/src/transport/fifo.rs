@@ -28,18 +28,17 @@ use rustix::event::{PollFd, PollFlags};
 use rustix::fs::{Mode, OFlags, CWD};
 
 use crate::error::{Error, IoContext, Result};
-use crate::frame::{self, control, error_code, DType, Kind, Limits, Meta, TensorRef};
+use crate::frame::{control, Kind, Limits, Meta, TensorRef};
 use crate::transport::access::Owner;
 use crate::transport::lock::{pid_alive, read_pid, LockFile};
-use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
-use crate::transport::wait_fds;
+use crate::transport::stream::{self, Flush, FrameReader, Incoming, ReadStatus, Session};
 use crate::transport::{
-    check_client_kind, check_private, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
-    request_context, retry_until_up, slot_out_of_range, take_answer, Attempt, ClientEndpoint,
-    Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_client_kind, check_private, check_slot, not_yet, parse_hello_ack, poll_fds,
+    request_context, retry_until_up, slot_out_of_range, take_answer, ClientEndpoint, Deadline,
+    Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
+use crate::transport::{wait_fds, Retry};
 
-const MAX_PENDING: usize = 8;
 /// Kernel buffer asked for each FIFO (the default is 64 KiB; Linux caps unprivileged
 /// requests at /proc/sys/fs/pipe-max-size, 1 MiB by default).
 const PIPE_SIZE: usize = 256 << 10;
@@ -78,18 +77,15 @@ fn open_fifo(path: &Path, write: bool) -> std::io::Result<File> {
 
 /// A client's check of the pipe directory `dir` (one `lstat`): a real directory (not a
 /// symbolic link), owned by this user, and, with `forbidden = Some(0o077)`, closed to
-/// everybody else. Returns its metadata. No directory yet is [`Error::PeerGone`] (a server
+/// everybody else. Returns its metadata. No directory yet is [`Retry::NotYet`] (a server
 /// may still come).
-fn check_pipe_dir(dir: &Path, forbidden: Option<u32>) -> Result<std::fs::Metadata> {
+fn check_pipe_dir(dir: &Path, forbidden: Option<u32>) -> Result<std::fs::Metadata, Retry> {
     let md = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            return Err(Error::PeerGone(format!(
-                "no server is running on {}",
-                dir.display()
-            )))
+            return not_yet(format!("no server is running on {}", dir.display()))
         }
-        Err(e) => return Err(Error::io_path("cannot inspect", dir, e)),
+        Err(e) => return Err(Error::io_path("cannot inspect", dir, e).into()),
     };
     if !md.is_dir() {
         let kind = if md.file_type().is_symlink() {
@@ -100,7 +96,8 @@ fn check_pipe_dir(dir: &Path, forbidden: Option<u32>) -> Result<std::fs::Metadat
         return Err(Error::Protocol(format!(
             "{} is not a SensAI pipe directory: it is {kind}; refusing to connect",
             dir.display()
-        )));
+        ))
+        .into());
     }
     check_private(
         "pipe directory",
@@ -139,15 +136,11 @@ fn make_fifo(path: &Path) -> Result<()> {
 struct Slot {
     req: File,
     resp: Option<File>,
-    reader: FrameReader,
-    out: OutQueue,
+    /// The client closed its request FIFO but may still read its response FIFO: the session
+    /// answers what it sent in full, then ends (replacing the FIFOs if the end of file cut a
+    /// frame short).
+    session: Session,
     connected: bool,
-    pending: VecDeque<Message>,
-    unanswered: VecDeque<u64>,
-    /// The client closed its request FIFO but still reads its response FIFO: the requests it
-    /// sent in full are answered, then the session ends (replacing the FIFOs if the value
-    /// is true: the end of file cut a frame short).
-    read_closed: Option<bool>,
     /// Bumped whenever the slot's session (or its file descriptors) changes, so that a poll
     /// event of the previous session is not applied to the next one.
     generation: u64,
@@ -265,12 +258,8 @@ impl FifoServer {
         Ok(Slot {
             req,
             resp: None,
-            reader: FrameReader::new(HANDSHAKE_LIMITS),
-            out: OutQueue::default(),
+            session: Session::new(),
             connected: false,
-            pending: VecDeque::new(),
-            unanswered: VecDeque::new(),
-            read_closed: None,
             generation: 0,
         })
     }
@@ -296,12 +285,8 @@ impl FifoServer {
         let dir = self.dir.clone();
         let s = &mut self.slots[i];
         s.resp = None;
-        s.reader = FrameReader::new(HANDSHAKE_LIMITS);
-        s.out.clear();
+        s.session = Session::new();
         s.connected = false;
-        s.pending.clear();
-        s.unanswered.clear();
-        s.read_closed = None;
         s.generation += 1;
         let (rq, rs) = (req_path(&dir, i), resp_path(&dir, i));
         if recreate {
@@ -330,36 +315,16 @@ impl FifoServer {
             Err(_) => return self.reset_slot(i, false),
         };
         let _ = rustix::pipe::fcntl_setpipe_size(&resp, PIPE_SIZE);
-        let limits = self.limits;
-        let vals = hello_ack_values(self.slots.len(), &limits);
+        let (limits, num_slots) = (self.limits, self.slots.len());
         let s = &mut self.slots[i];
-        s.resp = Some(resp);
-        s.out.clear();
-        s.pending.clear();
-        s.unanswered.clear();
+        let resp = s.resp.insert(resp);
         s.connected = true;
         s.generation += 1;
-        s.reader.set_limits(limits);
-        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let meta = Meta {
-            kind: Kind::Control,
-            flags: 0,
-            request_id: m.request_id,
-            slot: i as u32,
-            app_tag: control::HELLO_ACK,
-            app_value: i as u64,
-        };
-        let t = [TensorRef {
-            dtype: DType::UInt64,
-            shape: &[5],
-            data: &bytes,
-        }];
-        if let Some(resp) = s.resp.as_mut() {
-            if let Flush::PeerGone =
-                stream::send_nonblocking(resp, &mut s.out, &meta, &t, &HANDSHAKE_LIMITS)?
-            {
-                return self.reset_slot(i, false);
-            }
+        if let Flush::PeerGone = s
+            .session
+            .ack_hello(resp, m.request_id, i, num_slots, limits)?
+        {
+            return self.reset_slot(i, false);
         }
         Ok(())
     }
@@ -368,71 +333,43 @@ impl FifoServer {
         if writable {
             let s = &mut self.slots[i];
             if let Some(resp) = s.resp.as_mut() {
-                if s.out.flush(resp)? == Flush::PeerGone {
+                if s.session.flush(resp)? == Flush::PeerGone {
                     return self.reset_slot(i, false);
                 }
             }
             self.close_if_answered(i)?;
         }
-        if !readable || self.slots[i].read_closed.is_some() {
+        if !readable || self.slots[i].session.is_read_closed() {
             return Ok(());
         }
         loop {
             let s = &mut self.slots[i];
-            if s.pending.len() >= MAX_PENDING {
-                return Ok(());
-            }
-            match s.reader.read_from(&mut s.req) {
-                Ok(ReadStatus::Frame(msg)) => {
-                    let m = *msg.meta();
-                    if !s.connected || (m.kind == Kind::Control && m.app_tag == control::HELLO) {
-                        self.handshake(i, msg)?;
-                        continue;
-                    }
-                    if m.kind != Kind::Request && m.kind != Kind::Control {
-                        let text = format!(
-                            "a client may only send requests; got a {} frame",
-                            m.kind.name()
-                        );
-                        s.out.push(
-                            frame::encode_error(m.request_id, i as u32, error_code::ROLE, &text)
-                                .as_slice()
-                                .to_vec(),
-                        );
-                        continue;
-                    }
-                    s.unanswered.push_back(m.request_id);
-                    s.pending.push_back(msg);
-                }
-                Ok(ReadStatus::WouldBlock) => return Ok(()),
-                Ok(ReadStatus::Eof) => {
+            let connected = s.connected;
+            // A HELLO on a connected slot opens a new session: its previous client may have
+            // died unnoticed.
+            let is_handshake =
+                |m: &Meta| !connected || (m.kind == Kind::Control && m.app_tag == control::HELLO);
+            match s.session.read(&mut s.req, i as u32, is_handshake)? {
+                Incoming::Handshake(msg) => self.handshake(i, msg)?,
+                Incoming::Idle => return Ok(()),
+                Incoming::Eof { partial } => {
                     // The client closed its end (or died): end the session, unless it still
                     // reads the answers owed to requests it sent in full (or the rest of
                     // answers already queued).
-                    let partial = s.reader.in_progress();
                     let reading = s
                         .resp
                         .as_ref()
                         .is_some_and(|r| !stream::peer_cannot_read(r));
-                    if s.connected && stream::owes_client(&s.unanswered, &s.out) && reading {
-                        s.read_closed = Some(partial);
+                    if s.connected && s.session.end_of_requests(partial, reading) {
                         return Ok(());
                     }
                     return self.reset_slot(i, partial);
                 }
-                Err(Error::Frame(e)) => {
+                Incoming::Malformed(e) => {
                     // Tell the client if we can, then start the slot over on new FIFOs.
-                    if let Some(resp) = s.resp.as_mut() {
-                        s.out.push(
-                            frame::encode_error(0, i as u32, error_code::PROTOCOL, &e.to_string())
-                                .as_slice()
-                                .to_vec(),
-                        );
-                        let _ = s.out.flush(resp);
-                    }
+                    s.session.refuse_malformed(s.resp.as_mut(), i as u32, &e);
                     return self.reset_slot(i, true);
                 }
-                Err(e) => return Err(e),
             }
         }
     }
@@ -452,15 +389,15 @@ impl FifoServer {
         for (i, s) in self.slots.iter().enumerate() {
             // A request FIFO without a writer reports a hang-up to every poll: leave it out
             // once the client closed it.
-            if s.pending.len() < MAX_PENDING && s.read_closed.is_none() {
+            if s.session.wants_read() {
                 fds.push(PollFd::new(&s.req, PollFlags::IN));
                 owners.push((i, true, s.generation));
             }
             if let Some(resp) = &s.resp {
-                let ev = if s.out.is_empty() {
-                    PollFlags::empty()
-                } else {
+                let ev = if s.session.wants_write() {
                     PollFlags::OUT
+                } else {
+                    PollFlags::empty()
                 };
                 fds.push(PollFd::new(resp, ev));
                 owners.push((i, false, s.generation));
@@ -500,18 +437,15 @@ impl FifoServer {
 
     /// End the session of a client that closed its request FIFO once its last answer is sent.
     fn close_if_answered(&mut self, i: usize) -> Result<()> {
-        let s = &self.slots[i];
-        match s.read_closed {
-            Some(recreate) if !stream::owes_client(&s.unanswered, &s.out) => {
-                self.reset_slot(i, recreate)
-            }
-            _ => Ok(()),
+        match self.slots[i].session.finished() {
+            Some(recreate) => self.reset_slot(i, recreate),
+            None => Ok(()),
         }
     }
 
     fn ready_slots(&self) -> Vec<usize> {
         (0..self.slots.len())
-            .filter(|&i| !self.slots[i].pending.is_empty())
+            .filter(|&i| self.slots[i].session.has_pending())
             .collect()
     }
 }
@@ -545,57 +479,37 @@ impl ServerEndpoint for FifoServer {
     fn is_ready_slot(&mut self, slot: usize) -> Result<bool> {
         self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
-        if self.slots[slot].pending.is_empty() {
+        if !self.slots[slot].session.has_pending() {
             self.pump(Duration::ZERO)?;
         }
-        Ok(!self.slots[slot].pending.is_empty())
+        Ok(self.slots[slot].session.has_pending())
     }
 
     fn recv(&mut self, slot: usize) -> Result<Option<Message>> {
         self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
-        if self.slots[slot].pending.is_empty() {
+        if !self.slots[slot].session.has_pending() {
             self.pump(Duration::ZERO)?;
         }
-        Ok(self.slots[slot].pending.pop_front())
+        Ok(self.slots[slot].session.take())
     }
 
-    fn send(&mut self, slot: usize, mut meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
+    fn send(&mut self, slot: usize, meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
         self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
         let limits = self.limits;
-        let dir = self.dir.display().to_string();
         let s = &mut self.slots[slot];
         let resp = match (&mut s.resp, s.connected) {
             (Some(r), true) => r,
-            _ => {
-                return Err(Error::PeerGone(format!(
-                    "no client holds slot {slot} of the server at {dir}"
-                )))
-            }
+            _ => return Err(stream::no_client(slot, &self.dir)),
         };
-        frame::layout(
-            &tensors
-                .iter()
-                .map(|t| frame::TensorSpec {
-                    dtype: t.dtype,
-                    shape: t.shape,
-                })
-                .collect::<Vec<_>>(),
-            &limits,
-        )
-        .map_err(|e| match e {
-            Error::Capacity(m) => Error::Capacity(format!("response on slot {slot} of {dir}: {m}")),
-            other => other,
-        })?;
-        meta.slot = slot as u32;
-        meta.request_id = s.unanswered.pop_front().unwrap_or(0);
-        match stream::send_nonblocking(resp, &mut s.out, &meta, tensors, &limits)? {
+        match s
+            .session
+            .send(resp, slot, meta, tensors, &limits, &self.dir)?
+        {
             Flush::PeerGone => {
                 self.reset_slot(slot, false)?;
-                Err(Error::PeerGone(format!(
-                    "the client on slot {slot} of {dir} went away"
-                )))
+                Err(stream::went_away(slot, &self.dir))
             }
             _ => self.close_if_answered(slot),
         }
@@ -604,20 +518,11 @@ impl ServerEndpoint for FifoServer {
     fn send_error(&mut self, slot: usize, code: u32, message: &str) -> Result<()> {
         self.owner.check(|| self.what_server())?;
         check_slot(slot, self.slots.len(), &self.dir)?;
-        let dir = self.dir.display().to_string();
         let s = &mut self.slots[slot];
-        let rid = s.unanswered.pop_front().unwrap_or(0);
         let Some(resp) = s.resp.as_mut() else {
-            return Err(Error::PeerGone(format!(
-                "no client holds slot {slot} of the server at {dir}"
-            )));
+            return Err(stream::no_client(slot, &self.dir));
         };
-        s.out.push(
-            frame::encode_error(rid, slot as u32, code, message)
-                .as_slice()
-                .to_vec(),
-        );
-        if s.out.flush(resp)? == Flush::PeerGone {
+        if s.session.send_error(resp, slot, code, message)? == Flush::PeerGone {
             return self.reset_slot(slot, false);
         }
         self.close_if_answered(slot)
@@ -661,6 +566,20 @@ impl Drop for FifoServer {
     }
 }
 
+/// The liveness check of a waiting client: the server process `pid` still runs. (A FIFO
+/// shows a hang-up only once a writer has come and gone, so a wait also asks this.)
+fn server_liveness(pid: u32) -> impl FnMut() -> Result<()> {
+    move || {
+        if pid_alive(pid) {
+            Ok(())
+        } else {
+            Err(Error::PeerGone(format!(
+                "the server (pid {pid}) has exited"
+            )))
+        }
+    }
+}
+
 /// The client endpoint of the named-pipe transport.
 pub struct FifoClient {
     dir: PathBuf,
@@ -692,12 +611,7 @@ impl FifoClient {
             _ => PathBuf::from("."),
         };
         retry_until_up(&[&parent, &dir], &deadline, interrupt, |interrupt| {
-            match Self::try_connect(&dir, slot, &deadline, interrupt) {
-                Ok(c) => Ok(Attempt::Done(c)),
-                // The server is not there yet, or it restarted the slot under us.
-                Err(e @ Error::PeerGone(_)) => Ok(Attempt::NotYet(e)),
-                Err(e) => Err(e),
-            }
+            Self::try_connect(&dir, slot, &deadline, interrupt)
         })
     }
 
@@ -706,7 +620,7 @@ impl FifoClient {
         slot: Option<usize>,
         deadline: &Deadline,
         interrupt: Interrupt<'_>,
-    ) -> Result<FifoClient> {
+    ) -> Result<FifoClient, Retry> {
         // The pipe directory is the gate to every file of the server: it must be a real
         // directory of ours (another user's is refused now, not after the connect timeout).
         let md = check_pipe_dir(dir, None)?;
@@ -714,12 +628,12 @@ impl FifoClient {
         // connect timeout.
         if let Err(e) = std::fs::metadata(server_lock_path(dir)) {
             if e.kind() == ErrorKind::PermissionDenied {
-                return Err(Error::io_path("cannot reach the server at", dir, e));
+                return Err(Error::io_path("cannot reach the server at", dir, e).into());
             }
         }
-        let server_pid = read_pid(&server_lock_path(dir))
-            .filter(|p| pid_alive(*p))
-            .ok_or_else(|| Error::PeerGone(format!("no server is running on {}", dir.display())))?;
+        let Some(server_pid) = read_pid(&server_lock_path(dir)).filter(|p| pid_alive(*p)) else {
+            return not_yet(format!("no server is running on {}", dir.display()));
+        };
         // ... and nobody else may use it. Checked once a server runs there: a server that
         // reuses an existing directory narrows its mode to 0700 before it writes its pid, so a
         // client that came first keeps waiting rather than refusing that directory.
@@ -732,7 +646,7 @@ impl FifoClient {
                 if !p.exists() {
                     // The server made one lease file per slot, numbered from 0.
                     let n = (0..s).find(|&i| !lease_path(dir, i).exists()).unwrap_or(s);
-                    return Err(slot_out_of_range(s, Some(n), dir));
+                    return Err(slot_out_of_range(s, Some(n), dir).into());
                 }
                 match LockFile::try_acquire(&p, false)? {
                     Some(l) => (s, l),
@@ -740,7 +654,8 @@ impl FifoClient {
                         return Err(Error::Capacity(format!(
                             "slot {s} of the server at {} is in use by another client",
                             dir.display()
-                        )))
+                        ))
+                        .into())
                     }
                 }
             }
@@ -752,7 +667,8 @@ impl FifoClient {
                         return Err(Error::Capacity(format!(
                             "all {i} slots of the server at {} are in use",
                             dir.display()
-                        )));
+                        ))
+                        .into());
                     }
                     if let Some(l) = LockFile::try_acquire(&p, false)? {
                         break (i, l);
@@ -763,7 +679,7 @@ impl FifoClient {
         };
         let (rq, rs) = (req_path(dir, slot), resp_path(dir, slot));
         let gone = |e: std::io::Error, p: &Path| {
-            Error::PeerGone(format!("cannot open {}: {e}", p.display()))
+            Retry::NotYet(Error::PeerGone(format!("cannot open {}: {e}", p.display())))
         };
         let resp = open_fifo(&rs, false).map_err(|e| gone(e, &rs))?;
         check_fifo(&resp, &rs)?;
@@ -776,10 +692,10 @@ impl FifoClient {
         // closes the server's read end of the request FIFO we hold, which the wait for the
         // acknowledgement below notices.
         if !still_names(&rs, &resp) || !still_names(&rq, &req) {
-            return Err(Error::PeerGone(format!(
+            return not_yet(format!(
                 "the server replaced the FIFOs of slot {slot} of {} while we opened them",
                 dir.display()
-            )));
+            ));
         }
         let mut c = FifoClient {
             dir: dir.to_path_buf(),
@@ -814,25 +730,39 @@ impl FifoClient {
                 .unwrap_or(Duration::from_secs(2))
                 .min(Duration::from_secs(2)),
         ));
-        let pid = server_pid;
-        let mut live = move || {
-            if pid_alive(pid) {
-                Ok(())
-            } else {
-                Err(Error::PeerGone(format!(
-                    "the server (pid {pid}) has exited"
-                )))
-            }
-        };
+        // A server that left or restarted the slot before it acknowledged: try again (a new
+        // server may come up at the same directory before the deadline).
+        let params = c
+            .handshake(nonce, &meta, &what, &hs, interrupt)
+            .map_err(|e| match e {
+                e @ Error::PeerGone(_) => Retry::NotYet(e),
+                e => Retry::Fail(e),
+            })?;
+        c.limits = params.limits;
+        c.reader.set_limits(params.limits);
+        Ok(c)
+    }
+
+    /// Send our HELLO (`meta`, request id `nonce`) and read the server's answer.
+    fn handshake(
+        &mut self,
+        nonce: u64,
+        meta: &Meta,
+        what: &str,
+        hs: &Deadline,
+        interrupt: Interrupt<'_>,
+    ) -> Result<crate::transport::handshake::ServerParams> {
+        let c = self;
+        let mut live = server_liveness(c.server_pid);
         let req = c.req.as_mut().ok_or(Error::Closed)?;
         stream::send_blocking(
             req,
-            &meta,
+            meta,
             &[],
             &HANDSHAKE_LIMITS,
-            &hs,
+            hs,
             interrupt,
-            &|| what.clone(),
+            &|| what.to_string(),
             &mut live,
         )?;
         let resp = c.resp.as_mut().ok_or(Error::Closed)?;
@@ -851,7 +781,7 @@ impl FifoClient {
                 PollFd::new(&*resp, PollFlags::IN),
                 PollFd::new(req, PollFlags::empty()),
             ];
-            match wait_fds(&mut fds, &hs, interrupt, &|| what.clone(), &mut live) {
+            match wait_fds(&mut fds, hs, interrupt, &|| what.to_string(), &mut live) {
                 Ok(()) => {}
                 Err(Error::Timeout { .. }) => {
                     return Err(Error::PeerGone(format!(
@@ -876,13 +806,13 @@ impl FifoClient {
                 )));
             }
         };
-        if msg.meta().request_id != nonce {
+        // An acknowledgement of another HELLO (a previous client's, left in the FIFO) is
+        // stale: start over. A refusal with request id 0 answers ours (parse_hello_ack raises it).
+        let m = msg.meta();
+        if m.request_id != nonce && !(m.kind == Kind::Error && m.request_id == 0) {
             return Err(Error::PeerGone(format!("{what}: stale acknowledgement")));
         }
-        let params = parse_hello_ack(&msg, nonce, dir)?;
-        c.limits = params.limits;
-        c.reader.set_limits(params.limits);
-        Ok(c)
+        parse_hello_ack(&msg, nonce, &c.dir)
     }
 
     fn what(&self) -> String {
@@ -916,15 +846,7 @@ impl ClientEndpoint for FifoClient {
         meta.request_id = id;
         meta.slot = self.slot as u32;
         let deadline = Deadline::after(timeout);
-        let mut live = move || {
-            if pid_alive(pid) {
-                Ok(())
-            } else {
-                Err(Error::PeerGone(format!(
-                    "the server (pid {pid}) has exited"
-                )))
-            }
-        };
+        let mut live = server_liveness(pid);
         stream::send_blocking(
             req,
             &meta,
@@ -957,15 +879,7 @@ impl ClientEndpoint for FifoClient {
         let pid = self.server_pid;
         let resp = self.resp.as_mut().ok_or(Error::Closed)?;
         let deadline = Deadline::after(timeout);
-        let mut live = move || {
-            if pid_alive(pid) {
-                Ok(())
-            } else {
-                Err(Error::PeerGone(format!(
-                    "the server (pid {pid}) has exited"
-                )))
-            }
-        };
+        let mut live = server_liveness(pid);
         let msg = stream::recv_blocking(
             resp,
             &mut self.reader,
@@ -1012,6 +926,7 @@ impl Drop for FifoClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::DType;
     use crate::transport::no_interrupt;
 
     fn connect(path: &Path) -> std::thread::JoinHandle<Result<FifoClient>> {
@@ -1112,6 +1027,42 @@ mod tests {
             took < Duration::from_secs(1),
             "the client connected {took:?} after the replacement; expected well under the 2 s \
              handshake deadline"
+        );
+    }
+
+    /// A refusal of the handshake with request id 0 (one the server made before it read the
+    /// HELLO) answers our HELLO, as `parse_hello_ack` says: it is raised at once, not taken
+    /// for a stale acknowledgement and retried until the connect deadline.
+    #[test]
+    fn a_refusal_with_request_id_0_is_raised_not_retried() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pipes");
+        let srv = FifoServer::bind(&path, 1, Limits::default()).expect("bind");
+        let client = connect(&path);
+        {
+            let mut fds = [PollFd::new(&srv.slots[0].req, PollFlags::IN)];
+            let n = poll_fds(&mut fds, Duration::from_secs(10)).expect("poll");
+            assert!(n > 0, "no hello came within 10 s");
+        }
+        let refusal = crate::frame::encode_error(
+            0,
+            0,
+            crate::frame::error_code::UNAVAILABLE,
+            "the server is shutting down",
+        );
+        let mut resp = open_fifo(&resp_path(&path, 0), true).expect("open");
+        resp.write_all(refusal.as_slice()).expect("write");
+        let start = std::time::Instant::now();
+        let e = client.join().expect("thread").err().expect("refused");
+        assert!(
+            matches!(e, Error::Capacity(_)) && e.to_string().contains("shutting down"),
+            "{e:?}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
         );
     }
 

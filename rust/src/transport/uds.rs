@@ -20,18 +20,15 @@ use std::time::Duration;
 use rustix::event::{PollFd, PollFlags};
 
 use crate::error::{Error, IoContext, Result};
-use crate::frame::{self, control, error_code, DType, Kind, Limits, Meta, TensorRef};
+use crate::frame::{self, control, error_code, Kind, Limits, Meta, TensorRef};
 use crate::transport::access::Owner;
 use crate::transport::lock::LockFile;
-use crate::transport::stream::{self, Flush, FrameReader, OutQueue, ReadStatus};
+use crate::transport::stream::{self, Flush, FrameReader, Incoming, ReadStatus, Session};
 use crate::transport::{
-    check_client_kind, check_peer_uid, check_slot, hello_ack_values, parse_hello_ack, poll_fds,
-    rand_u64, request_context, retry_until_up, slot_range_text, take_answer, temp_context, Attempt,
-    ClientEndpoint, Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_client_kind, check_peer_uid, check_slot, not_yet, parse_hello_ack, poll_fds, rand_u64,
+    request_context, retry_until_up, slot_range_text, take_answer, temp_context, ClientEndpoint,
+    Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
 };
-
-/// Most requests a server reads ahead on one slot before it stops reading that client.
-const MAX_PENDING: usize = 8;
 
 /// Kernel send buffer asked for each connection: large enough to keep a big response
 /// streaming, small enough that the bytes are still in cache when the client copies them.
@@ -68,16 +65,10 @@ fn lock_path(path: &Path) -> PathBuf {
 
 struct Conn {
     stream: UnixStream,
-    reader: FrameReader,
-    out: OutQueue,
+    session: Session,
     slot: Option<usize>,
-    pending: VecDeque<Message>,
-    unanswered: VecDeque<u64>,
     /// Close once the queued bytes are sent (a refused handshake).
     closing: bool,
-    /// The client shut down its sending side (end of file) but can still read: the requests
-    /// it sent before are answered, then the connection closes.
-    read_closed: bool,
     dead: bool,
 }
 
@@ -86,18 +77,15 @@ impl Conn {
     /// their answers, and queued answers their last bytes, while it can read them; otherwise
     /// the session ends now. A partly received frame is dropped.
     fn end_of_requests(&mut self) {
-        if !stream::owes_client(&self.unanswered, &self.out)
-            || stream::peer_cannot_read(&self.stream)
-        {
+        let reads = !stream::peer_cannot_read(&self.stream);
+        if !self.session.end_of_requests(false, reads) {
             self.dead = true;
-        } else {
-            self.read_closed = true;
         }
     }
 
     /// End the session of a half-closed client once its last answer is sent.
     fn close_if_answered(&mut self) {
-        if self.read_closed && !stream::owes_client(&self.unanswered, &self.out) {
+        if self.session.finished().is_some() {
             self.dead = true;
         }
     }
@@ -308,13 +296,9 @@ impl UdsServer {
                     let _ = rustix::net::sockopt::set_socket_send_buffer_size(&stream, SNDBUF);
                     self.conns.push(Conn {
                         stream,
-                        reader: FrameReader::new(HANDSHAKE_LIMITS),
-                        out: OutQueue::default(),
+                        session: Session::new(),
                         slot: None,
-                        pending: VecDeque::new(),
-                        unanswered: VecDeque::new(),
                         closing: false,
-                        read_closed: false,
                         dead: false,
                     });
                 }
@@ -330,11 +314,7 @@ impl UdsServer {
         let m = *msg.meta();
         let conn_ok = m.kind == Kind::Control && m.app_tag == control::HELLO;
         let reply_err = |conn: &mut Conn, code: u32, text: String| {
-            conn.out.push(
-                frame::encode_error(m.request_id, 0, code, &text)
-                    .as_slice()
-                    .to_vec(),
-            );
+            conn.session.refuse_handshake(m.request_id, code, &text);
             conn.closing = true;
         };
         if !conn_ok {
@@ -379,32 +359,13 @@ impl UdsServer {
             m.app_value as usize
         };
         self.slots[slot] = Some(ci);
-        let limits = self.limits;
+        let (limits, num_slots) = (self.limits, self.num_slots);
         let conn = &mut self.conns[ci];
         conn.slot = Some(slot);
-        conn.reader.set_limits(limits);
-        let vals = hello_ack_values(self.num_slots, &limits);
-        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let meta = Meta {
-            kind: Kind::Control,
-            flags: 0,
-            request_id: m.request_id,
-            slot: slot as u32,
-            app_tag: control::HELLO_ACK,
-            app_value: slot as u64,
-        };
-        let t = [TensorRef {
-            dtype: DType::UInt64,
-            shape: &[5],
-            data: &bytes,
-        }];
-        match stream::send_nonblocking(
-            &mut conn.stream,
-            &mut conn.out,
-            &meta,
-            &t,
-            &HANDSHAKE_LIMITS,
-        ) {
+        match conn
+            .session
+            .ack_hello(&mut conn.stream, m.request_id, slot, num_slots, limits)
+        {
             Ok(Flush::PeerGone) | Err(_) => conn.dead = true,
             Ok(_) => {}
         }
@@ -441,9 +402,9 @@ impl UdsServer {
     /// Non-blocking I/O on every connection; `readable`/`writable` come from poll, or all
     /// true when called without polling.
     fn service(&mut self, ci: usize, readable: bool, writable: bool) {
-        if writable && !self.conns[ci].out.is_empty() {
-            let conn = &mut self.conns[ci];
-            match conn.out.flush(&mut conn.stream) {
+        let conn = &mut self.conns[ci];
+        if writable && conn.session.wants_write() {
+            match conn.session.flush(&mut conn.stream) {
                 Ok(Flush::Done) if conn.closing => conn.dead = true,
                 Ok(Flush::Done) => conn.close_if_answered(),
                 Ok(Flush::PeerGone) | Err(_) => conn.dead = true,
@@ -454,7 +415,7 @@ impl UdsServer {
             return;
         }
         let conn = &mut self.conns[ci];
-        if conn.read_closed {
+        if conn.session.is_read_closed() {
             // Nothing is left to read: poll woke us for a hang-up, so the answers still owed
             // have nobody to go to.
             if stream::peer_cannot_read(&conn.stream) {
@@ -464,49 +425,22 @@ impl UdsServer {
         }
         loop {
             let conn = &mut self.conns[ci];
-            if conn.dead || conn.closing || conn.pending.len() >= MAX_PENDING {
+            if conn.dead || conn.closing {
                 return;
             }
-            let status = conn.reader.read_from(&mut conn.stream);
-            match status {
-                Ok(ReadStatus::Frame(msg)) => {
-                    if conn.slot.is_none() {
-                        self.handshake(ci, msg);
-                        continue;
-                    }
-                    let slot = conn.slot.unwrap_or(0);
-                    let m = *msg.meta();
-                    let transport_control =
-                        m.kind == Kind::Control && m.app_tag < control::USER_BASE;
-                    if (m.kind != Kind::Request && m.kind != Kind::Control) || transport_control {
-                        let text = format!(
-                            "a client may only send requests; got a {} frame",
-                            m.kind.name()
-                        );
-                        conn.out.push(
-                            frame::encode_error(m.request_id, slot as u32, error_code::ROLE, &text)
-                                .as_slice()
-                                .to_vec(),
-                        );
-                        continue;
-                    }
-                    conn.unanswered.push_back(m.request_id);
-                    conn.pending.push_back(msg);
-                }
-                Ok(ReadStatus::WouldBlock) => return,
-                Ok(ReadStatus::Eof) => {
+            let open = conn.slot.is_some();
+            let slot = conn.slot.unwrap_or(0) as u32;
+            match conn.session.read(&mut conn.stream, slot, |_| !open) {
+                Ok(Incoming::Handshake(msg)) => self.handshake(ci, msg),
+                Ok(Incoming::Idle) => return,
+                Ok(Incoming::Eof { .. }) => {
                     conn.end_of_requests();
                     return;
                 }
-                Err(e) => {
-                    // A malformed frame: tell the client why, then drop the connection.
-                    let slot = conn.slot.unwrap_or(0) as u32;
-                    conn.out.push(
-                        frame::encode_error(0, slot, error_code::PROTOCOL, &e.to_string())
-                            .as_slice()
-                            .to_vec(),
-                    );
-                    let _ = conn.out.flush(&mut conn.stream);
+                Ok(Incoming::Malformed(e)) | Err(e) => {
+                    // Tell the client why, then drop the connection.
+                    conn.session
+                        .refuse_malformed(Some(&mut conn.stream), slot, &e);
                     conn.dead = true;
                     return;
                 }
@@ -538,10 +472,10 @@ impl UdsServer {
         fds.push(PollFd::new(listener, PollFlags::IN));
         for c in &self.conns {
             let mut ev = PollFlags::empty();
-            if c.pending.len() < MAX_PENDING && !c.closing && !c.read_closed {
+            if c.session.wants_read() && !c.closing {
                 ev |= PollFlags::IN;
             }
-            if !c.out.is_empty() {
+            if c.session.wants_write() {
                 ev |= PollFlags::OUT;
             }
             fds.push(PollFd::new(&c.stream, ev));
@@ -574,7 +508,7 @@ impl UdsServer {
 
     fn ready_slots(&self) -> Vec<usize> {
         (0..self.num_slots)
-            .filter(|&s| matches!(self.slots[s], Some(ci) if !self.conns[ci].pending.is_empty()))
+            .filter(|&s| matches!(self.slots[s], Some(ci) if self.conns[ci].session.has_pending()))
             .collect()
     }
 
@@ -615,84 +549,55 @@ impl ServerEndpoint for UdsServer {
 
     fn is_ready_slot(&mut self, slot: usize) -> Result<bool> {
         self.owner.check(|| self.what_server())?;
-        if matches!(self.conn_of(slot)?, Some(c) if !c.pending.is_empty()) {
+        if matches!(self.conn_of(slot)?, Some(c) if c.session.has_pending()) {
             return Ok(true);
         }
         self.pump(Duration::ZERO)?;
-        Ok(matches!(self.conn_of(slot)?, Some(c) if !c.pending.is_empty()))
+        Ok(matches!(self.conn_of(slot)?, Some(c) if c.session.has_pending()))
     }
 
     fn recv(&mut self, slot: usize) -> Result<Option<Message>> {
         self.owner.check(|| self.what_server())?;
         check_slot(slot, self.num_slots, &self.path)?;
-        if !matches!(self.conn_of(slot)?, Some(c) if !c.pending.is_empty()) {
+        if !matches!(self.conn_of(slot)?, Some(c) if c.session.has_pending()) {
             self.pump(Duration::ZERO)?;
         }
-        Ok(self.conn_of(slot)?.and_then(|c| c.pending.pop_front()))
+        Ok(self.conn_of(slot)?.and_then(|c| c.session.take()))
     }
 
-    fn send(&mut self, slot: usize, mut meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
+    fn send(&mut self, slot: usize, meta: Meta, tensors: &[TensorRef<'_>]) -> Result<()> {
         self.owner.check(|| self.what_server())?;
         let limits = self.limits;
         let path = self.path.clone();
-        let conn = self.conn_of(slot)?.ok_or_else(|| {
-            Error::PeerGone(format!(
-                "no client holds slot {slot} of the server at {}",
-                path.display()
-            ))
-        })?;
-        meta.slot = slot as u32;
-        meta.request_id = conn.unanswered.front().copied().unwrap_or(0);
-        // Validate before consuming the request id, so a too-large response can still be
-        // answered with an error frame.
-        frame::layout(
-            &tensors
-                .iter()
-                .map(|t| frame::TensorSpec {
-                    dtype: t.dtype,
-                    shape: t.shape,
-                })
-                .collect::<Vec<_>>(),
-            &limits,
-        )
-        .map_err(|e| match e {
-            Error::Capacity(m) => Error::Capacity(format!(
-                "response on slot {slot} of {}: {m}",
-                path.display()
-            )),
-            other => other,
-        })?;
-        conn.unanswered.pop_front();
-        match stream::send_nonblocking(&mut conn.stream, &mut conn.out, &meta, tensors, &limits)? {
-            Flush::PeerGone => {
-                conn.dead = true;
-                self.reap();
-                Err(Error::PeerGone(format!(
-                    "the client on slot {slot} of {} went away",
-                    path.display()
-                )))
-            }
-            _ => {
-                conn.close_if_answered();
-                self.reap();
-                Ok(())
-            }
+        let conn = self
+            .conn_of(slot)?
+            .ok_or_else(|| stream::no_client(slot, &path))?;
+        let sent = conn
+            .session
+            .send(&mut conn.stream, slot, meta, tensors, &limits, &path)?;
+        if sent == Flush::PeerGone {
+            conn.dead = true;
+        } else {
+            conn.close_if_answered();
+        }
+        self.reap();
+        match sent {
+            Flush::PeerGone => Err(stream::went_away(slot, &path)),
+            _ => Ok(()),
         }
     }
 
     fn send_error(&mut self, slot: usize, code: u32, message: &str) -> Result<()> {
         self.owner.check(|| self.what_server())?;
         let path = self.path.clone();
-        let conn = self.conn_of(slot)?.ok_or_else(|| {
-            Error::PeerGone(format!(
-                "no client holds slot {slot} of the server at {}",
-                path.display()
-            ))
-        })?;
-        let rid = conn.unanswered.pop_front().unwrap_or(0);
-        let buf = frame::encode_error(rid, slot as u32, code, message);
-        conn.out.push(buf.as_slice().to_vec());
-        if conn.out.flush(&mut conn.stream)? == Flush::PeerGone {
+        let conn = self
+            .conn_of(slot)?
+            .ok_or_else(|| stream::no_client(slot, &path))?;
+        if conn
+            .session
+            .send_error(&mut conn.stream, slot, code, message)?
+            == Flush::PeerGone
+        {
             conn.dead = true;
         }
         conn.close_if_answered();
@@ -765,17 +670,17 @@ impl UdsClient {
             &deadline,
             interrupt,
             |_| match UnixStream::connect(&path) {
-                Ok(s) => Ok(Attempt::Done(s)),
+                Ok(s) => Ok(s),
                 Err(e)
                     if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) =>
                 {
-                    Ok(Attempt::NotYet(Error::PeerGone(format!(
+                    not_yet(format!(
                         "no server is listening on {} (waited {:.1}s): {e}",
                         path.display(),
                         deadline.elapsed().as_secs_f64()
-                    ))))
+                    ))
                 }
-                Err(e) => Err(Error::io_path("cannot connect to", &path, e)),
+                Err(e) => Err(Error::io_path("cannot connect to", &path, e).into()),
             },
         )?;
         // Who listens there: a socket another user bound (at a path we were given, or put
@@ -953,6 +858,7 @@ impl Drop for UdsClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::DType;
     use crate::transport::no_interrupt;
 
     #[test]
@@ -1002,7 +908,7 @@ mod tests {
         )
         .unwrap();
         // Flush whatever is queued while the client reads.
-        while !srv.conns.iter().all(|c| c.out.is_empty()) {
+        while srv.conns.iter().any(|c| c.session.wants_write()) {
             srv.pump(Duration::from_millis(10)).unwrap();
         }
         assert_eq!(h.join().unwrap(), s);

@@ -179,6 +179,7 @@ pub(super) fn reset(region: &Region, slot: usize, st: &mut ServerSlot, server: u
 mod tests {
     use super::super::tests::{answer_all, attach, lim, req, T};
     use super::super::*;
+    use crate::frame::Kind;
     use crate::transport::lock::spawn_zombie;
     use crate::transport::no_interrupt;
 

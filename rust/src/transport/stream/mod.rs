@@ -1,6 +1,10 @@
-//! Machinery shared by the two stream transports (Unix sockets and named pipes):
-//! an incremental non-blocking frame reader, a queue of outgoing bytes, and a writer
-//! that sends a frame straight from the callers' tensor buffers.
+//! Machinery shared by the byte-stream transports (Unix sockets and named pipes, later
+//! TCP): an incremental non-blocking frame reader, a queue of outgoing bytes, a writer that
+//! sends a frame straight from the callers' tensor buffers, and the per-slot [`Session`]
+//! of a server.
+
+mod session;
+pub(crate) use session::{no_client, went_away, Incoming, Session};
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
@@ -12,9 +16,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::error::{Error, Result};
-use crate::frame::{
-    self, AlignedBuf, Header, Layout, Limits, Meta, TensorRef, TensorSpec, HEADER_LEN,
-};
+use crate::frame::{self, AlignedBuf, Header, Layout, Limits, Meta, TensorRef, HEADER_LEN};
 use crate::transport::{poll_fds, wait_fd, Deadline, Interrupt, Message};
 
 /// What one non-blocking read pass produced.
@@ -173,26 +175,8 @@ pub(crate) fn frame_prefix(
     tensors: &[TensorRef<'_>],
     limits: &Limits,
 ) -> Result<(Vec<u8>, Layout)> {
-    let specs: Vec<TensorSpec<'_>> = tensors
-        .iter()
-        .map(|t| TensorSpec {
-            dtype: t.dtype,
-            shape: t.shape,
-        })
-        .collect();
     frame::check_meta(meta)?;
-    let lay = frame::layout(&specs, limits)?;
-    for (i, t) in tensors.iter().enumerate() {
-        if t.data.len() as u64 != lay.nbytes[i] {
-            return Err(Error::InvalidArgument(format!(
-                "tensor {i}: {} data bytes given for shape {:?} of {} ({} expected)",
-                t.data.len(),
-                t.shape,
-                t.dtype.name(),
-                lay.nbytes[i]
-            )));
-        }
-    }
+    let (specs, lay) = frame::layout_data(tensors, limits)?;
     let prefix_len = lay.offsets.first().copied().unwrap_or(lay.total_len) as usize;
     // Zero-initialised, so the padding after the table is already written.
     let mut prefix = vec![0u8; prefix_len];
@@ -315,14 +299,6 @@ impl OutQueue {
         }
         Ok(Flush::Done)
     }
-}
-
-/// Whether a session still owes its client something: an answer to a request it sent in
-/// full, or bytes of an answer already given that are still queued. A client that ended its
-/// sending side keeps its session while this holds and it can still read; ending it earlier
-/// would cut a queued answer short.
-pub(crate) fn owes_client(unanswered: &VecDeque<u64>, out: &OutQueue) -> bool {
-    !unanswered.is_empty() || !out.is_empty()
 }
 
 /// Whether the peer of a stream can no longer read what we write: poll reports a hang-up or
