@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from . import _core
 from .protocol import FORMATS, INFO_TAG, SamplingParams, decode_info
 
 __all__ = ["main", "cli", "serve", "info", "record"]
@@ -41,6 +42,11 @@ def _sampling_param(ctx: click.Context, param: click.Parameter, value: Any) -> A
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    _core.__version__,
+    prog_name="sensai",
+    message=f"%(prog)s %(version)s (wire protocol {_core.PROTOCOL_VERSION})",
+)
 def cli() -> None:
     """SensAI: serve a teacher model's (sampled) logits to distillation students over local
     IPC (shared memory, Unix sockets or named pipes)."""
