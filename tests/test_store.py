@@ -126,6 +126,42 @@ def test_fp16_level_within_float16_rounding(tiny_model_dir, short_tmp):
             assert torch.allclose(out.logprobs, want.logprobs, rtol=2**-10, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_logz_sampled_is_stored_only_when_it_differs(tiny_model_dir, short_tmp, temperature):
+    """At T = 1 logz_sampled equals logz_full bit for bit and is stored empty; at T = 2 it is
+    kept. Replay is byte-exact both ways, every list column is BYTE_STREAM_SPLIT, and a
+    version-1 store (always a full logz_sampled) still opens."""
+    from sensai.logits_server import TeacherLogitsServer
+
+    teacher = TeacherLogitsServer(
+        tiny_model_dir, device="cpu", num_samples=16, output_format="compact",
+        temperature=temperature,
+    )  # fmt: skip
+    seqs = _seqs(4, seed=7)
+    written = _record(teacher, seqs, short_tmp)
+    shard = list_shards(short_tmp)[0]
+    t = pq.read_table(shard)
+    lengths = pa.compute.list_value_length(t.column("logz_sampled")).to_pylist()
+    if temperature == 1.0:
+        assert lengths == [0] * t.num_rows
+    else:
+        assert lengths == t.column("num_positions").to_pylist()
+    md = pq.ParquetFile(shard).metadata.row_group(0)
+    for i in range(md.num_columns):
+        c = md.column(i)
+        if c.path_in_schema.endswith(".list.element"):
+            assert "BYTE_STREAM_SPLIT" in c.encodings, (c.path_in_schema, c.encodings)
+    manifest = Path(short_tmp, "manifest.json")
+    manifest.write_text(
+        manifest.read_text().replace('"store_format_version": 2', '"store_format_version": 1')
+    )
+    reader = StoreReader(short_tmp)
+    for q in seqs:
+        got = reader.get(q).to_arrays()
+        want = written[sequence_key(q)].rows(0, 1, max(q.size - 1, 1)).to_arrays()
+        assert all(_same(g, e) for g, e in zip(got, want, strict=True))
+
+
 def test_counts_level_keeps_counts_and_refuses_logprobs(tiny_model_dir, short_tmp):
     teacher = _teacher(tiny_model_dir, "compact", num_samples=64)
     seqs = _seqs(6, seed=4)
