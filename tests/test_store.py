@@ -179,6 +179,67 @@ def test_counts_level_keeps_counts_and_refuses_logprobs(tiny_model_dir, short_tm
         out.sampled_logprobs()
 
 
+def test_counts_level_loss_is_the_cross_entropy_with_the_kls_gradient(
+    tiny_model_dir, short_tmp, caplog
+):
+    """The same draws stored lossless and counts-only: sampled_kd_loss on the counts answer
+    has the lossless KL's gradient and differs from it by the teacher's entropy estimate
+    only; it says so once, and refuses importance weighting (no log-probs)."""
+    import logging
+
+    import sensai.losses as losses
+
+    teacher = _teacher(tiny_model_dir, "compact", num_samples=32)
+    seqs = [q for q in _seqs(8, seed=5) if q.size >= 3][:4]
+    man = {lv: manifest_for(teacher, lv, model="t", revision=None, dataset={}) for lv in
+           ("lossless", "counts")}  # fmt: skip
+    rows = _answer_rows(teacher, seqs, seed=2)
+    for lv in man:
+        with StoreWriter(os.path.join(short_tmp, lv), man[lv]) as w:
+            for q, row in zip(seqs, rows, strict=True):
+                w.add(sequence_key(q), int(q.size), row)
+    s = max(q.size for q in seqs)
+    ids = np.zeros((len(seqs), s), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, q in enumerate(seqs):
+        ids[i, : q.size], mask[i, : q.size] = q, 1
+    full = StoreReader(os.path.join(short_tmp, "lossless")).get(ids, mask)
+    counts = StoreReader(os.path.join(short_tmp, "counts")).get(ids, mask)
+    assert not counts.has_logprobs and torch.equal(full.tokens, counts.tokens)
+    logits = torch.randn(len(seqs), s, VOCAB, dtype=torch.float64)
+    grads, values = [], []
+    losses._warned_cross_entropy = False
+    with caplog.at_level(logging.WARNING, logger="sensai.losses"):
+        for out in (full, counts, counts):
+            student = logits.clone().requires_grad_(True)
+            loss = losses.sampled_kd_loss(student, out)
+            loss.backward()
+            grads.append(student.grad)
+            values.append(float(loss.detach()))
+    warned = [r for r in caplog.records if "cross-entropy part" in r.getMessage()]
+    assert len(warned) == 1  # once per process
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+    assert float(grads[0].abs().max()) > 1e-3  # a gradient that could have differed
+    # KL - CE = the sampled estimate of -H(teacher) = mean over positions of sum w log p
+    rows_ = full.position_of_entries()
+    w = full.counts.double() / 32
+    neg_entropy = torch.zeros(full.mask.numel(), dtype=torch.float64).index_add_(
+        0, rows_, w * full.sampled_logprobs().double()
+    )
+    expected = float(neg_entropy[full.mask.reshape(-1)].mean())
+    assert values[0] - values[1] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert abs(expected) > 0.1
+    from sensai.logits_server import TeacherLogitsServer
+
+    hot = TeacherLogitsServer(
+        tiny_model_dir, device="cpu", num_samples=32, output_format="compact", temperature=2.0
+    )
+    d = os.path.join(short_tmp, "hot")
+    _record(hot, seqs, d, level="counts")
+    with pytest.raises(ValueError, match="counts-only store.*importance weighting"):
+        losses.sampled_kd_loss(logits, StoreReader(d).get(ids, mask), temperature=1.0)
+
+
 def test_counts_level_needs_compact_and_at_most_256_samples(tiny_model_dir, short_tmp):
     with pytest.raises(StoreError, match="compact"):
         manifest_for(_teacher(tiny_model_dir, "sampled"), "counts", model="t", revision=None,
