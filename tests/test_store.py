@@ -505,3 +505,87 @@ def test_serve_records_what_it_answers_and_replays_it(tiny_model_dir, short_tmp)
                 c.get_teacher_logits(np.arange(3)[None])
     finally:
         served.close()
+
+
+def _fallback_child(address: str, ids, mask, conn) -> None:
+    torch.set_num_threads(1)  # as a DataLoader worker does (the parent's pool is gone)
+    with Client(address) as c:
+        out = c.get_teacher_logits(ids, mask)
+    conn.send([a.numpy() for a in out.to_arrays()])
+
+
+def test_fallback_answers_and_records_what_the_store_lacks(tiny_model_dir, short_tmp):
+    """store://DIR?fallback=ADDRESS: a sequence the store lacks is answered by the live
+    teacher once, recorded (each process into its own shards), and replayed as answered; a
+    live teacher that samples otherwise than the store was recorded is refused."""
+    import multiprocessing as mp
+
+    teacher = _teacher(tiny_model_dir, "compact")
+    store = os.path.join(short_tmp, "store")
+    stored = [np.arange(6) + 30, np.arange(4) + 80]
+    written = _record(teacher, stored, store)
+    live = _Served(teacher, short_tmp)
+    a, b = np.arange(7) + 3, np.arange(5) + 60  # not in the store
+    ids = np.zeros((3, 8), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, q in enumerate((stored[0], a, b)):
+        ids[i, : q.size], mask[i, : q.size] = q, 1
+    try:
+        with pytest.raises(SequenceNotStoredError):
+            Client(f"store://{store}").get_teacher_logits(ids, mask)
+        address = f"store://{store}?fallback={live.address}"
+        with Client(address) as c:
+            first = c.get_teacher_logits(ids, mask)
+            asked = live.service.totals["requests"]
+            assert asked >= 1
+            again = c.get_teacher_logits(ids, mask)  # from memory, not from the teacher
+            assert live.service.totals["requests"] == asked
+            assert _same_where_valid(first, again)
+        # a forked worker records its own miss into its own shard
+        c2 = np.arange(6) + 100
+        ctx = mp.get_context("fork")
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_fallback_child, args=(address, c2[None], None, send))
+        proc.start()
+        send.close()
+        assert recv.poll(30), "the forked client did not answer"
+        child = recv.recv()
+        proc.join(60)
+        assert proc.exitcode == 0
+        # sensai serve --replay DIR --fallback ADDRESS: the same, behind a server
+        from sensai.store.serve import ReplayTeacher
+
+        reader = StoreReader(store, fallback=live.address)
+        os.mkdir(os.path.join(short_tmp, "r"))
+        served = _Served(ReplayTeacher(reader), os.path.join(short_tmp, "r"))
+        d = np.arange(5) + 150
+        try:
+            with Client(served.address) as c:
+                via_server = c.get_teacher_logits(d[None])
+        finally:
+            served.close()
+            reader.close()
+    finally:
+        live.close()
+    shards = list_shards(store)
+    pids = {s.name.split("-")[1] for s in shards}
+    assert str(os.getpid()) in pids and len(pids) >= 2  # this process's and the child's
+    replay = Client(f"store://{store}")
+    assert _same_where_valid(replay.get_teacher_logits(ids, mask), first)
+    assert _same_where_valid(replay.get_teacher_logits(d[None]), via_server)
+    got = replay.get_teacher_logits(c2[None]).to_arrays()
+    assert all(np.array_equal(g.numpy(), e) for g, e in zip(got, child, strict=True))
+    want = written[sequence_key(stored[0])]  # the stored row is replayed as recorded
+    assert _same(first.rows(0, 1, 6).tokens, want.tokens) and _same(
+        first.rows(0, 1, 6).counts, want.counts
+    )
+    hot = _teacher(tiny_model_dir, "compact", num_samples=8)
+    os.mkdir(os.path.join(short_tmp, "o"))
+    other = _Served(hot, os.path.join(short_tmp, "o"))
+    try:
+        with pytest.raises(StoreError, match="num_samples 8, the store's 16"):
+            Client(f"store://{store}?fallback={other.address}").get_teacher_logits(
+                (np.arange(4) + 200)[None]
+            )
+    finally:
+        other.close()
