@@ -162,6 +162,33 @@ def test_logz_sampled_is_stored_only_when_it_differs(tiny_model_dir, short_tmp, 
         assert all(_same(g, e) for g, e in zip(got, want, strict=True))
 
 
+def test_a_shard_reads_with_plain_pyarrow_as_the_readme_says(tiny_model_dir, short_tmp):
+    """README, "Reading a store without SensAI": the documented columns, read with pyarrow
+    alone, give back the recorded compact answers (fp16: within float16 rounding)."""
+    teacher = _teacher(tiny_model_dir, "compact")
+    seqs = _seqs(5, seed=11)
+    written = _record(teacher, seqs, short_tmp, level="fp16", rows_per_shard=100)
+    (shard,) = list_shards(short_tmp)
+    rows = pq.read_table(shard).to_pylist()  # what datasets.load_dataset("parquet") holds
+    assert len(rows) == len(seqs)
+    for row in rows:
+        want = written[row["key"]]
+        p = row["num_positions"]
+        assert row["num_tokens"] in (p, p + 1) and row["sample_set"] == 0
+        offsets = np.concatenate([[0], np.cumsum(row["num_distinct"])])
+        tokens, counts = np.array(row["tokens"]), np.array(row["counts"]) + 1
+        logprobs = np.array(row["logprobs"], dtype=np.float32)
+        logz_sampled = np.array(row["logz_sampled"] or row["logz_full"], dtype=np.float32)
+        assert np.array_equal(offsets, want.offsets.numpy())
+        assert np.array_equal(tokens, want.tokens.numpy())
+        assert np.array_equal(counts, want.counts.numpy())
+        assert np.array_equal(logprobs, want.logprobs.numpy().astype(np.float16).astype(np.float32))
+        assert np.array_equal(logz_sampled, want.logz_sampled.reshape(-1).numpy())
+        assert np.array_equal(
+            np.array(row["logz_full"], np.float32), want.logz_full.reshape(-1).numpy()
+        )
+
+
 def test_counts_level_keeps_counts_and_refuses_logprobs(tiny_model_dir, short_tmp):
     teacher = _teacher(tiny_model_dir, "compact", num_samples=64)
     seqs = _seqs(6, seed=4)
