@@ -6,7 +6,7 @@ Query parameters state what the client expects, refused at open when the manifes
 ``store:///data/teacher?vocab_size=49152&format=compact&tokenizer=<fingerprint>``.
 ``sample_set=K`` picks a sample set of a store recorded with several per sequence.
 ``fallback=ADDRESS`` sends a sequence the store lacks to the live teacher at ADDRESS and
-records its answer into the store (`LiveFallback`; percent-encode ``?``, ``&`` or ``#`` in it).
+records its answer into the store (`LiveFallback`); the value is percent-decoded once.
 """
 
 from __future__ import annotations
