@@ -2,10 +2,10 @@
 
     python benchmarks/distill_quality.py [--steps 150] [--batch-size 4] [--seq-len 64]
         [--num-samples 64] [--server-seeds 0,1,2] [--teacher-threads N] [--threads N]
-        [--model PATH] [--json PATH] [--plot PATH]
+        [--epochs 1] [--store-level counts] [--model PATH] [--json PATH] [--plot PATH]
 
 The demo's setting (examples/distill/train.py: the embedded SmolLM2-135M-Instruct teacher,
-a 2-layer random student with the teacher's vocabulary, standard-library docstrings), four
+a 2-layer random student with the teacher's vocabulary, standard-library docstrings), five
 arms trained side by side from the same student initialisation, on the same batches in the
 same order, for the same number of steps, with the same optimizer and schedule:
 
@@ -18,7 +18,12 @@ same order, for the same number of steps, with the same optimizer and schedule:
   in this process;
 * ``topk``: ``(1 - w) * CE + w * topk_kd_loss`` against the renormalised top-k, k chosen so
   that its bytes per position (int64 id + float32 log-prob per token) match those the
-  ``sampled`` arm received on its first batch.
+  ``sampled`` arm received on its first batch;
+* ``replay``: as ``sampled``, but from a store (`sensai.store`, level ``--store-level``)
+  recorded from the same server before training, one answer per training row with draws of
+  their own (seeded apart from the ``sampled`` arm's): the offline path. Over ``--epochs``
+  epochs it sees the same draws every epoch, where ``sampled`` gets fresh ones; the table
+  gives its bytes per position on disk.
 
 The whole comparison runs once per server seed (``--server-seeds``): only the server's
 sampling changes between runs (student initialisation and data order come from ``--seed``),
@@ -44,6 +49,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +62,7 @@ from sensai.losses import full_kd_loss, sampled_kd_loss, teacher_from_batch, top
 from sensai.teacher import TeacherLogitsServer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("ce", "sampled", "full", "topk")
+ARMS = ("ce", "sampled", "full", "topk", "replay")
 KL_VS_CE_TARGET = 0.80  # sampled's KL at most 80% of ce's
 KL_VS_FULL_TARGET = 1.10  # and at most 110% of full's
 
@@ -98,6 +104,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="student initialisation and data order")
     ap.add_argument(
+        "--epochs",
+        type=int,
+        default=1,
+        help="passes over the training rows in --steps steps (fewer rows, seen again)",
+    )
+    ap.add_argument(
+        "--store-level",
+        choices=("lossless", "fp16", "counts"),
+        default="counts",
+        help="the replay arm's store level (at T = 1 all three give the same gradient)",
+    )
+    ap.add_argument(
         "--server-seeds",
         type=_seeds,
         default=[0, 1, 2],
@@ -113,7 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--plot", type=Path, default=None, help="write the held-out curves here")
     args = ap.parse_args(argv)
-    for name in ("steps", "batch_size", "held_out", "eval_every", "num_samples", "workers"):
+    for name in (
+        "steps", "batch_size", "held_out", "eval_every", "num_samples", "workers", "epochs"
+    ):  # fmt: skip
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.seq_len < 2:
@@ -194,9 +214,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     teacher = TeacherLogitsServer(args.model, device="cpu", num_samples=None)
     tokenizer = load_tokenizer(args.model)
-    train_rows, held_rows, _ = demo.token_rows(
-        tokenizer, args.seq_len, args.steps * args.batch_size, args.held_out
-    )
+    n_train = max(args.batch_size, math.ceil(args.steps * args.batch_size / args.epochs))
+    train_rows, held_rows, _ = demo.token_rows(tokenizer, args.seq_len, n_train, args.held_out)
     held_out = [
         (ids, teacher.compute(ids, output_format="full").logits)
         for ids in held_rows.split(args.batch_size)
@@ -204,6 +223,7 @@ def main(argv=None) -> int:
     print(
         f"{len(train_rows)} training rows, {len(held_rows)} held-out rows of {args.seq_len} "
         f"tokens; {args.steps} steps of {args.batch_size} rows; server seeds {args.server_seeds}"
+        f"; replay from a {args.store_level} store"
     )
     runs = []
     for seed in args.server_seeds:
@@ -219,11 +239,42 @@ def main(argv=None) -> int:
     return 0
 
 
+def record_store(args, client, info: dict, train_rows, directory: Path, server_seed: int):
+    """Record the server's answer for every training row into a store at ``directory``
+    (level ``--store-level``), each batch with a seed of its own, apart from those of the
+    ``sampled`` arm; returns ``(reader, bytes on disk per position)``."""
+    from sensai.store import StoreReader, StoreWriter, build_manifest, sequence_key
+
+    manifest = build_manifest(
+        fmt="compact", level=args.store_level, vocab_size=info["vocab_size"],
+        num_samples=info["num_samples"], temperature=info["temperature"],
+        top_k=info["top_k"], top_p=info["top_p"], topk=0, model=str(info["model"]),
+        dataset={"rows": len(train_rows), "seq_len": args.seq_len},
+    )  # fmt: skip
+    key = (server_seed + (1 << 32)).to_bytes(8, "little")  # not a seed the sampled arm draws
+    with StoreWriter(directory, manifest) as writer:
+        for ids in train_rows.split(args.batch_size):
+            ids = ids.to(torch.int64).contiguous()
+            digest = hashlib.blake2b(ids.numpy().tobytes(), digest_size=8, key=key).digest()
+            out = client.get_teacher_logits(ids, seed=int.from_bytes(digest, "little") >> 1)
+            for i, row in enumerate(ids):
+                writer.add(sequence_key(row.numpy()), row.numel(), out.rows(i, i + 1))
+    positions = len(train_rows) * (args.seq_len - 1)
+    disk = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    return StoreReader(directory), disk / positions
+
+
 def run(args, demo, address: str, server_seed: int, teacher, train_rows, held_out) -> dict:
-    """The four arms, side by side, with the server sampling from ``server_seed``."""
+    """The five arms, side by side, with the server sampling from ``server_seed``."""
+    with tempfile.TemporaryDirectory(prefix="sensai-quality-store-") as tmp:
+        return _run(args, demo, address, server_seed, teacher, train_rows, held_out, Path(tmp))
+
+
+def _run(args, demo, address, server_seed, teacher, train_rows, held_out, store_dir) -> dict:
     started = time.perf_counter()
     client = SeededClient(address, server_seed)
     info = client.info()
+    store, store_bytes = record_store(args, client, info, train_rows, store_dir, server_seed)
     base = demo.build_student(info["vocab_size"], args)  # seeds torch with args.seed
     students = {arm: copy.deepcopy(base) for arm in ARMS}
     optims, scheds = {}, {}
@@ -274,6 +325,7 @@ def run(args, demo, address: str, server_seed: int, teacher, train_rows, held_ou
             "sampled": (sampled_kd_loss, served),
             "full": (full_kd_loss, full),
             "topk": (topk_kd_loss, topk),
+            "replay": (sampled_kd_loss, store.get(ids)),
         }
         for arm, model in students.items():
             out = model(input_ids=ids, labels=ids)
@@ -298,6 +350,8 @@ def run(args, demo, address: str, server_seed: int, teacher, train_rows, held_ou
         "vocab_size": info["vocab_size"],
         "topk_k": k,
         "sampled_bytes_per_position": sampled_bytes,
+        "store_level": args.store_level,
+        "store_bytes_per_position": store_bytes,
         "eval_steps": eval_steps,
         "history": history,
         "seconds": time.perf_counter() - started,
@@ -354,6 +408,10 @@ def report(args, runs: list[dict], n_held: int, seconds: float) -> None:
         "sampled": (f"{runs[0]['num_samples']} samples, compact, served", f"{sampled_bytes:.0f}"),
         "full": ("full logits, in-process", f"{vocab * 4}"),
         "topk": (f"top-{'/'.join(map(str, ks))}, renormalised", f"{topk_bytes:.0f}"),
+        "replay": (
+            f"{runs[0]['num_samples']} samples, {args.store_level} store, replayed",
+            f"{statistics.fmean(r['store_bytes_per_position'] for r in runs):.0f} on disk",
+        ),
     }
     print("| arm | teacher signal | bytes/position | held-out KL | vs ce | vs full | held-out CE |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -379,6 +437,23 @@ def report(args, runs: list[dict], n_held: int, seconds: float) -> None:
         },
     }
     n = len(runs)
+    replay_kl, sampled_kl = summary["replay"]["kl"], summary["sampled"]["kl"]
+    gap = abs(replay_kl["mean"] - sampled_kl["mean"])
+    band = max(sampled_kl["max"] - sampled_kl["min"], replay_kl["max"] - replay_kl["min"])
+    targets["replay_vs_sampled"] = {
+        "gap": gap,
+        "spread": band,
+        "met": gap <= band if n > 1 else None,
+    }
+    print(
+        f"replay vs sampled: held-out KL {replay_kl['mean']:.3f} vs {sampled_kl['mean']:.3f}, "
+        f"gap {gap:.3f} against a run-to-run range of {band:.3f} "
+        + (
+            f"({'within' if gap <= band else 'OUTSIDE'} it)"
+            if n > 1
+            else "(one run: no spread to compare with)"
+        )
+    )
     print(
         f"targets: sampled KL <= {KL_VS_CE_TARGET:.2f}x ce's: {_pm(vs_ce)} "
         f"({'met' if targets['kl_vs_ce']['met_by_mean'] else 'MISSED'} on the mean, in "

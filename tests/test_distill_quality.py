@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_quality.py"
-ARMS = ("ce", "sampled", "full", "topk")
+ARMS = ("ce", "sampled", "full", "topk", "replay")
 
 
 @pytest.mark.timeout(300)
@@ -51,6 +51,8 @@ def test_quality_benchmark_runs_end_to_end(
     assert proc.returncode == 0, out + err
     assert "| sampled | 8 samples, compact, served |" in out, out
     assert "targets: sampled KL <= 0.80x ce's" in out, out
+    assert "| replay | 8 samples, counts store, replayed |" in out, out
+    assert "replay vs sampled: held-out KL" in out, out
 
     results = json.loads(out_json.read_text())
     assert [r["server_seed"] for r in results["runs"]] == seeds
@@ -59,6 +61,7 @@ def test_quality_benchmark_runs_end_to_end(
         assert set(run["history"]) == set(ARMS)
         assert all(len(h) == 3 and h[-1]["kl"] > 0 for h in run["history"].values())
         assert run["topk_k"] >= 1 and run["sampled_bytes_per_position"] > 0
+        assert run["store_level"] == "counts" and run["store_bytes_per_position"] > 0
     for arm in ARMS:
         kl = results["summary"][arm]["kl"]
         assert kl["min"] <= kl["mean"] <= kl["max"] and len(kl["values"]) == len(seeds)

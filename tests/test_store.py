@@ -126,6 +126,69 @@ def test_fp16_level_within_float16_rounding(tiny_model_dir, short_tmp):
             assert torch.allclose(out.logprobs, want.logprobs, rtol=2**-10, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_logz_sampled_is_stored_only_when_it_differs(tiny_model_dir, short_tmp, temperature):
+    """At T = 1 logz_sampled equals logz_full bit for bit and is stored empty; at T = 2 it is
+    kept. Replay is byte-exact both ways, every list column is BYTE_STREAM_SPLIT, and a
+    version-1 store (always a full logz_sampled) still opens."""
+    from sensai.teacher.model import TeacherLogitsServer
+
+    teacher = TeacherLogitsServer(
+        tiny_model_dir, device="cpu", num_samples=16, output_format="compact",
+        temperature=temperature,
+    )  # fmt: skip
+    seqs = _seqs(4, seed=7)
+    written = _record(teacher, seqs, short_tmp)
+    shard = list_shards(short_tmp)[0]
+    t = pq.read_table(shard)
+    lengths = pa.compute.list_value_length(t.column("logz_sampled")).to_pylist()
+    if temperature == 1.0:
+        assert lengths == [0] * t.num_rows
+    else:
+        assert lengths == t.column("num_positions").to_pylist()
+    md = pq.ParquetFile(shard).metadata.row_group(0)
+    for i in range(md.num_columns):
+        c = md.column(i)
+        if c.path_in_schema.endswith(".list.element"):
+            assert "BYTE_STREAM_SPLIT" in c.encodings, (c.path_in_schema, c.encodings)
+    manifest = Path(short_tmp, "manifest.json")
+    manifest.write_text(
+        manifest.read_text().replace('"store_format_version": 2', '"store_format_version": 1')
+    )
+    reader = StoreReader(short_tmp)
+    for q in seqs:
+        got = reader.get(q).to_arrays()
+        want = written[sequence_key(q)].rows(0, 1, max(q.size - 1, 1)).to_arrays()
+        assert all(_same(g, e) for g, e in zip(got, want, strict=True))
+
+
+def test_a_shard_reads_with_plain_pyarrow_as_the_readme_says(tiny_model_dir, short_tmp):
+    """README, "Reading a store without SensAI": the documented columns, read with pyarrow
+    alone, give back the recorded compact answers (fp16: within float16 rounding)."""
+    teacher = _teacher(tiny_model_dir, "compact")
+    seqs = _seqs(5, seed=11)
+    written = _record(teacher, seqs, short_tmp, level="fp16", rows_per_shard=100)
+    (shard,) = list_shards(short_tmp)
+    rows = pq.read_table(shard).to_pylist()  # what datasets.load_dataset("parquet") holds
+    assert len(rows) == len(seqs)
+    for row in rows:
+        want = written[row["key"]]
+        p = row["num_positions"]
+        assert row["num_tokens"] in (p, p + 1) and row["sample_set"] == 0
+        offsets = np.concatenate([[0], np.cumsum(row["num_distinct"])])
+        tokens, counts = np.array(row["tokens"]), np.array(row["counts"]) + 1
+        logprobs = np.array(row["logprobs"], dtype=np.float32)
+        logz_sampled = np.array(row["logz_sampled"] or row["logz_full"], dtype=np.float32)
+        assert np.array_equal(offsets, want.offsets.numpy())
+        assert np.array_equal(tokens, want.tokens.numpy())
+        assert np.array_equal(counts, want.counts.numpy())
+        assert np.array_equal(logprobs, want.logprobs.numpy().astype(np.float16).astype(np.float32))
+        assert np.array_equal(logz_sampled, want.logz_sampled.reshape(-1).numpy())
+        assert np.array_equal(
+            np.array(row["logz_full"], np.float32), want.logz_full.reshape(-1).numpy()
+        )
+
+
 def test_counts_level_keeps_counts_and_refuses_logprobs(tiny_model_dir, short_tmp):
     teacher = _teacher(tiny_model_dir, "compact", num_samples=64)
     seqs = _seqs(6, seed=4)
@@ -141,6 +204,67 @@ def test_counts_level_keeps_counts_and_refuses_logprobs(tiny_model_dir, short_tm
         out.teacher_logprobs()
     with pytest.raises(ValueError, match="counts-only store"):
         out.sampled_logprobs()
+
+
+def test_counts_level_loss_is_the_cross_entropy_with_the_kls_gradient(
+    tiny_model_dir, short_tmp, caplog
+):
+    """The same draws stored lossless and counts-only: sampled_kd_loss on the counts answer
+    has the lossless KL's gradient and differs from it by the teacher's entropy estimate
+    only; it says so once, and refuses importance weighting (no log-probs)."""
+    import logging
+
+    import sensai.losses as losses
+
+    teacher = _teacher(tiny_model_dir, "compact", num_samples=32)
+    seqs = [q for q in _seqs(8, seed=5) if q.size >= 3][:4]
+    man = {lv: manifest_for(teacher, lv, model="t", revision=None, dataset={}) for lv in
+           ("lossless", "counts")}  # fmt: skip
+    rows = _answer_rows(teacher, seqs, seed=2)
+    for lv in man:
+        with StoreWriter(os.path.join(short_tmp, lv), man[lv]) as w:
+            for q, row in zip(seqs, rows, strict=True):
+                w.add(sequence_key(q), int(q.size), row)
+    s = max(q.size for q in seqs)
+    ids = np.zeros((len(seqs), s), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, q in enumerate(seqs):
+        ids[i, : q.size], mask[i, : q.size] = q, 1
+    full = StoreReader(os.path.join(short_tmp, "lossless")).get(ids, mask)
+    counts = StoreReader(os.path.join(short_tmp, "counts")).get(ids, mask)
+    assert not counts.has_logprobs and torch.equal(full.tokens, counts.tokens)
+    logits = torch.randn(len(seqs), s, VOCAB, dtype=torch.float64)
+    grads, values = [], []
+    losses._warned_cross_entropy = False
+    with caplog.at_level(logging.WARNING, logger="sensai.losses"):
+        for out in (full, counts, counts):
+            student = logits.clone().requires_grad_(True)
+            loss = losses.sampled_kd_loss(student, out)
+            loss.backward()
+            grads.append(student.grad)
+            values.append(float(loss.detach()))
+    warned = [r for r in caplog.records if "cross-entropy part" in r.getMessage()]
+    assert len(warned) == 1  # once per process
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+    assert float(grads[0].abs().max()) > 1e-3  # a gradient that could have differed
+    # KL - CE = the sampled estimate of -H(teacher) = mean over positions of sum w log p
+    rows_ = full.position_of_entries()
+    w = full.counts.double() / 32
+    neg_entropy = torch.zeros(full.mask.numel(), dtype=torch.float64).index_add_(
+        0, rows_, w * full.sampled_logprobs().double()
+    )
+    expected = float(neg_entropy[full.mask.reshape(-1)].mean())
+    assert values[0] - values[1] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert abs(expected) > 0.1
+    from sensai.teacher.model import TeacherLogitsServer
+
+    hot = TeacherLogitsServer(
+        tiny_model_dir, device="cpu", num_samples=32, output_format="compact", temperature=2.0
+    )
+    d = os.path.join(short_tmp, "hot")
+    _record(hot, seqs, d, level="counts")
+    with pytest.raises(ValueError, match="counts-only store.*importance weighting"):
+        losses.sampled_kd_loss(logits, StoreReader(d).get(ids, mask), temperature=1.0)
 
 
 def test_counts_level_needs_compact_and_at_most_256_samples(tiny_model_dir, short_tmp):
@@ -408,3 +532,87 @@ def test_serve_records_what_it_answers_and_replays_it(tiny_model_dir, short_tmp)
                 c.get_teacher_logits(np.arange(3)[None])
     finally:
         served.close()
+
+
+def _fallback_child(address: str, ids, mask, conn) -> None:
+    torch.set_num_threads(1)  # as a DataLoader worker does (the parent's pool is gone)
+    with Client(address) as c:
+        out = c.get_teacher_logits(ids, mask)
+    conn.send([a.numpy() for a in out.to_arrays()])
+
+
+def test_fallback_answers_and_records_what_the_store_lacks(tiny_model_dir, short_tmp):
+    """store://DIR?fallback=ADDRESS: a sequence the store lacks is answered by the live
+    teacher once, recorded (each process into its own shards), and replayed as answered; a
+    live teacher that samples otherwise than the store was recorded is refused."""
+    import multiprocessing as mp
+
+    teacher = _teacher(tiny_model_dir, "compact")
+    store = os.path.join(short_tmp, "store")
+    stored = [np.arange(6) + 30, np.arange(4) + 80]
+    written = _record(teacher, stored, store)
+    live = _Served(teacher, short_tmp)
+    a, b = np.arange(7) + 3, np.arange(5) + 60  # not in the store
+    ids = np.zeros((3, 8), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, q in enumerate((stored[0], a, b)):
+        ids[i, : q.size], mask[i, : q.size] = q, 1
+    try:
+        with pytest.raises(SequenceNotStoredError):
+            Client(f"store://{store}").get_teacher_logits(ids, mask)
+        address = f"store://{store}?fallback={live.address}"
+        with Client(address) as c:
+            first = c.get_teacher_logits(ids, mask)
+            asked = live.service.totals["requests"]
+            assert asked >= 1
+            again = c.get_teacher_logits(ids, mask)  # from memory, not from the teacher
+            assert live.service.totals["requests"] == asked
+            assert _same_where_valid(first, again)
+        # a forked worker records its own miss into its own shard
+        c2 = np.arange(6) + 100
+        ctx = mp.get_context("fork")
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_fallback_child, args=(address, c2[None], None, send))
+        proc.start()
+        send.close()
+        assert recv.poll(30), "the forked client did not answer"
+        child = recv.recv()
+        proc.join(60)
+        assert proc.exitcode == 0
+        # sensai serve --replay DIR --fallback ADDRESS: the same, behind a server
+        from sensai.store.serve import ReplayTeacher
+
+        reader = StoreReader(store, fallback=live.address)
+        os.mkdir(os.path.join(short_tmp, "r"))
+        served = _Served(ReplayTeacher(reader), os.path.join(short_tmp, "r"))
+        d = np.arange(5) + 150
+        try:
+            with Client(served.address) as c:
+                via_server = c.get_teacher_logits(d[None])
+        finally:
+            served.close()
+            reader.close()
+    finally:
+        live.close()
+    shards = list_shards(store)
+    pids = {s.name.split("-")[1] for s in shards}
+    assert str(os.getpid()) in pids and len(pids) >= 2  # this process's and the child's
+    replay = Client(f"store://{store}")
+    assert _same_where_valid(replay.get_teacher_logits(ids, mask), first)
+    assert _same_where_valid(replay.get_teacher_logits(d[None]), via_server)
+    got = replay.get_teacher_logits(c2[None]).to_arrays()
+    assert all(np.array_equal(g.numpy(), e) for g, e in zip(got, child, strict=True))
+    want = written[sequence_key(stored[0])]  # the stored row is replayed as recorded
+    assert _same(first.rows(0, 1, 6).tokens, want.tokens) and _same(
+        first.rows(0, 1, 6).counts, want.counts
+    )
+    hot = _teacher(tiny_model_dir, "compact", num_samples=8)
+    os.mkdir(os.path.join(short_tmp, "o"))
+    other = _Served(hot, os.path.join(short_tmp, "o"))
+    try:
+        with pytest.raises(StoreError, match="num_samples 8, the store's 16"):
+            Client(f"store://{store}?fallback={other.address}").get_teacher_logits(
+                (np.arange(4) + 200)[None]
+            )
+    finally:
+        other.close()

@@ -121,3 +121,12 @@ def test_record_refuses_bad_input_clearly(tiny_model_dir, short_tmp):
     flags = [f if f != "compact" else "sampled" for f in TEACHER_FLAGS]
     r = runner.invoke(cli, [*base, *flags, "--level", "counts"])
     assert r.exit_code != 0 and "counts level stores the compact format" in r.output
+
+
+def test_serve_fallback_needs_replay(short_tmp):
+    sock = os.path.join(short_tmp, "s.sock")
+    res = CliRunner().invoke(
+        cli,
+        ["serve", "--transport", "unix_socket", "--socket-path", sock, "--fallback", "unix:///x"],
+    )
+    assert res.exit_code == 2 and "--fallback needs --replay" in res.output

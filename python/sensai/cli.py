@@ -248,10 +248,14 @@ def _model_name(kw: dict[str, Any], teacher: Any) -> str:
     return kw["model"] or "SmolLM2-135M-Instruct (embedded)"
 
 
-def _serve_teacher(kw: dict[str, Any], replay: str | None, record_dir: str | None) -> Any:
+def _serve_teacher(
+    kw: dict[str, Any], replay: str | None, record_dir: str | None, fallback: str | None = None
+) -> Any:
     """``(teacher, store writer or None)`` for ``sensai serve`` with --replay / --record."""
     if replay is not None and record_dir is not None:
         raise click.UsageError("give --replay or --record, not both")
+    if fallback is not None and replay is None:
+        raise click.UsageError("--fallback needs --replay")
     if replay is None and record_dir is None:
         return load_cli_teacher(kw), None
     from .errors import SensAIError
@@ -264,7 +268,8 @@ def _serve_teacher(kw: dict[str, Any], replay: str | None, record_dir: str | Non
         raise click.ClickException(str(e)) from None
     try:
         if replay is not None:
-            return ReplayTeacher(StoreReader(replay)), None
+            reader = StoreReader(replay, fallback=fallback)
+            return ReplayTeacher(reader), reader  # closing it publishes what a fallback recorded
         from .teacher.load import resolve_model
 
         resolved = resolve_model(kw["model"])
@@ -277,7 +282,7 @@ def _serve_teacher(kw: dict[str, Any], replay: str | None, record_dir: str | Non
             dataset={"source": "sensai serve --record"},
         )
         writer = StoreWriter(record_dir, manifest)  # type: ignore[arg-type]
-    except SensAIError as e:
+    except (SensAIError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     return RecordingTeacher(teacher, writer), writer
 
@@ -301,6 +306,7 @@ def run_serve(**kw: Any) -> None:
         limits["max_nbytes"] = max_nbytes
     kind = kw["transport"]
     replay, record_dir = kw.pop("replay", None), kw.pop("record", None)
+    fallback = kw.pop("fallback", None)
     writer: Any = None
     stopping = threading.Event()
     service: Any = None
@@ -321,7 +327,7 @@ def run_serve(**kw: Any) -> None:
     try:
         from .serving.batching import TeacherService
 
-        teacher, writer = _serve_teacher(kw, replay, record_dir)
+        teacher, writer = _serve_teacher(kw, replay, record_dir, fallback)
         service = TeacherService(
             teacher,
             transport,
@@ -363,6 +369,12 @@ def run_serve(**kw: Any) -> None:
     "--record",
     default=None,
     help="Also record every answer into the store in this folder (lossless level).",
+)
+@click.option(
+    "--fallback",
+    default=None,
+    help="With --replay: send sequences the store lacks to the live teacher at this "
+    "address, and record its answers into the store.",
 )
 def serve(**kw: Any) -> None:
     """Serve a teacher model. Prints the address to pass to sensai.Client when ready."""

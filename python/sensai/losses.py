@@ -39,6 +39,7 @@ Reductions: ``"mean"`` over the real positions, ``"sum"``, or ``"none"`` for the
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -50,6 +51,8 @@ from .formats import TeacherOutput
 __all__ = ["full_kd_loss", "sampled_kd_loss", "teacher_from_batch", "topk_kd_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+log = logging.getLogger("sensai.losses")
 
 
 def teacher_from_batch(batch: Mapping, attribute: str = "teacher_logits") -> TeacherOutput | None:
@@ -165,6 +168,20 @@ def _as_teacher(teacher: Any, student_logits: torch.Tensor) -> TeacherOutput:
     return teacher
 
 
+_warned_cross_entropy = False
+
+
+def _warn_cross_entropy_once() -> None:
+    global _warned_cross_entropy
+    if not _warned_cross_entropy:
+        _warned_cross_entropy = True
+        log.warning(
+            "sampled_kd_loss on a counts-only store answer returns the cross-entropy part of "
+            "the KL (the KL minus the teacher's entropy, a constant): the gradient is the same, "
+            "the value is not a KL"
+        )
+
+
 def _same(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
 
@@ -199,6 +216,11 @@ def sampled_kd_loss(
     (at the server's temperature only). ``mask`` [B, S] (or the input's [B, S + 1]) drops
     more positions. The estimate is exactly 0 when the student's logits equal the
     teacher's (each sample's term is ``log p(x) - log q(x)``).
+
+    A ``compact`` answer from a counts-only store (``teacher.has_logprobs`` False) has no
+    ``log p``: the loss is then the sampled cross-entropy ``-1/N * sum_n log q(x_n)``, the
+    KL minus the teacher's entropy, with the same gradient; it logs a warning once per
+    process, and refuses an importance-weighted temperature.
     """
     _check_common(student_logits, temperature, reduction)
     teacher = _as_teacher(teacher, student_logits)
@@ -258,14 +280,25 @@ def sampled_kd_loss(
         weight = 1.0 / per_pos.clamp(min=1)[rows]
     tokens = tokens.long().reshape(-1)
 
-    sampled_lp = teacher.sampled_logprobs().reshape(-1).float()
-    if importance:
-        target_lp = teacher.teacher_logprobs().reshape(-1).float()
-        weight = weight * torch.exp(target_lp - sampled_lp)
-    else:
-        target_lp = sampled_lp
     student_lp = _student_logq(student, rows, tokens, temperature)
-    terms = weight * (target_lp - student_lp)
+    if not teacher.has_logprobs:  # a counts-only store: the cross-entropy part of the KL
+        if importance:
+            raise ValueError(
+                f"this answer comes from a counts-only store (samples drawn at temperature "
+                f"{t_server:g}, no log-probs kept): importance weighting to temperature "
+                f"{temperature:g} needs the teacher's log-probs. Use temperature {t_server:g}, "
+                "or record with level 'fp16' or 'lossless'"
+            )
+        _warn_cross_entropy_once()
+        terms = -weight * student_lp
+    else:
+        sampled_lp = teacher.sampled_logprobs().reshape(-1).float()
+        if importance:
+            target_lp = teacher.teacher_logprobs().reshape(-1).float()
+            weight = weight * torch.exp(target_lp - sampled_lp)
+        else:
+            target_lp = sampled_lp
+        terms = weight * (target_lp - student_lp)
     per_position = torch.zeros(p_total, device=student.device, dtype=terms.dtype)
     per_position = per_position.index_add(0, rows, terms).reshape(b, s)
     return _reduce(per_position, m, reduction)

@@ -6,6 +6,10 @@ positions, each valid (a recorded answer has no padded positions). Position j is
 distribution after tokens 0..j, so a recorder that can stores ``num_tokens`` positions (the
 last one is what a right-padded batch gets after the sequence's last token), else
 ``num_tokens - 1``.
+
+``logz_sampled`` is stored empty when it equals ``logz_full`` bit for bit (sampling at T = 1
+without top-k or top-p, the usual case) and restored from it on read, so every level stays
+exact.
 """
 
 from __future__ import annotations
@@ -159,7 +163,13 @@ def encode_row(out: Any, level: str) -> tuple[int, dict[str, np.ndarray]]:
                     f"{fmt} tensor {c.name!r} is {a.dtype}, the lossless level stores {c.dtype}"
                 )
             values[c.name] = a.astype(c.dtype, copy=False)
+    if "logz_sampled" in values and _same_bits(values["logz_sampled"], values["logz_full"]):
+        values["logz_sampled"] = values["logz_sampled"][:0]
     return p, values
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 def _bad(where: str, what: str) -> StoreError:
@@ -190,8 +200,11 @@ def decode_row(
 
     out: dict[str, np.ndarray] = {}
     if fmt != "full" and not (fmt == "compact" and params.level == "counts"):
-        out["logz_sampled"] = need("logz_sampled", p)
         out["logz_full"] = need("logz_full", p)
+        if cols["logz_sampled"].size == 0 and p > 0:
+            out["logz_sampled"] = out["logz_full"]  # stored empty: equal to logz_full
+        else:
+            out["logz_sampled"] = need("logz_sampled", p)
     if fmt == "full":
         out["logits"] = need("logits", p * v)
     elif fmt in ("sampled", "topk"):

@@ -30,8 +30,11 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-#: Bumped whenever a shard's columns or their meaning change.
-STORE_FORMAT_VERSION = 1
+#: Bumped whenever a shard's columns or their meaning change. 2: ``logz_sampled`` may be
+#: empty (equal to ``logz_full``); Parquet encodings are not part of the version.
+STORE_FORMAT_VERSION = 2
+#: Versions this SensAI reads (a version-1 store never has an empty logz_sampled).
+READABLE_VERSIONS = (1, 2)
 MAX_MANIFEST_BYTES = 1 << 20
 #: Fields two writers of one store must agree on (the rest is informative).
 _IDENTITY = ("store_format_version", "format", "level", "teacher", "sampling", "dataset")
@@ -107,10 +110,9 @@ def _validate(m: Any, where: str) -> None:
     if not isinstance(m, dict):
         raise bad(f"not a JSON object ({type(m).__name__})")
     version = m.get("store_format_version")
-    if version != STORE_FORMAT_VERSION:
-        raise bad(
-            f"store format version {version!r}; this SensAI reads version {STORE_FORMAT_VERSION}"
-        )
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise bad(f"store format version {version!r}; this SensAI reads versions {readable}")
     if m.get("format") not in FORMATS:
         raise bad(f"unknown format {m.get('format')!r}")
     if m.get("level") not in LEVELS:

@@ -167,7 +167,9 @@ class StoreReader:
 
     ``vocab_size``, ``output_format`` and ``tokenizer`` (a `tokenizer_fingerprint`), when
     given, must match the manifest or the store is refused. ``max_row_group_bytes`` bounds
-    what one read may allocate; ``cache_groups`` row groups stay decoded.
+    what one read may allocate; ``cache_groups`` row groups stay decoded. ``fallback``, the
+    address of a live teacher, answers and records the sequences the store lacks
+    (`LiveFallback`); without it a missing sequence raises `SequenceNotStoredError`.
     """
 
     def __init__(
@@ -179,6 +181,7 @@ class StoreReader:
         tokenizer: str | None = None,
         max_row_group_bytes: int = DEFAULT_MAX_ROW_GROUP_BYTES,
         cache_groups: int = 4,
+        fallback: str | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory)
@@ -204,10 +207,34 @@ class StoreReader:
         self._cache: OrderedDict[tuple[int, int], _Group] = OrderedDict()
         self._cache_groups = max(1, int(cache_groups))
         self._lock = threading.Lock()
+        # answers recorded by the fallback whose shard is not published yet
+        self._held: dict[tuple[str, int], tuple[int, int, dict[str, np.ndarray]]] = {}
         self.refresh()
+        self.fallback: Any = None
+        if fallback is not None:
+            from .fallback import LiveFallback
+
+            self.fallback = LiveFallback(self, fallback)
+
+    def hold(
+        self, key: str, sample_set: int, num_tokens: int, p: int, arrays: dict[str, np.ndarray]
+    ) -> None:
+        """Answer ``key`` with ``arrays`` (decoded wire arrays of ``p`` positions) until a
+        published shard holds it."""
+        with self._lock:
+            self._held[(key, int(sample_set))] = (int(num_tokens), int(p), arrays)
+
+    def close(self) -> None:
+        """Publish what the fallback recorded in this process."""
+        if self.fallback is not None:
+            self.fallback.close()
 
     def refresh(self) -> int:
         """Index shards published since the last call; returns how many were added."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> int:
         known = set(self._paths)
         added = 0
         for path in list_shards(self.directory):
@@ -224,14 +251,16 @@ class StoreReader:
             self._files.append(pf)
             self._paths.append(path)
             added += 1
+        for k in [k for k in self._held if k in self._index]:
+            del self._held[k]
         return added
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._index) + len(self._held)
 
     def __contains__(self, key: object) -> bool:
         k = key if isinstance(key, tuple) else (key, 0)
-        return k in self._index
+        return k in self._index or k in self._held
 
     def keys(self) -> list[tuple[str, int]]:
         return list(self._index)
@@ -253,9 +282,15 @@ class StoreReader:
     ) -> tuple[int, dict[str, np.ndarray]]:
         """``(num_positions, flat wire arrays)`` of the sequence ``key``."""
         with self._lock:
+            held = self._held.get((key, sample_set))
+            if held is not None:
+                n_tok, p, arrays = held
+                if num_tokens is not None and n_tok != num_tokens:
+                    raise StoreError(f"{key}: recorded for {n_tok} tokens, asked for {num_tokens}")
+                return p, arrays
             loc = self._index.get((key, sample_set))
             if loc is None:
-                self.refresh()  # another process may have published it since
+                self._refresh()  # another process may have published it since
                 loc = self._index.get((key, sample_set))
             if loc is None:
                 what = f"sequence {key}" + (f" (sample set {sample_set})" if sample_set else "")
@@ -289,19 +324,23 @@ class StoreReader:
         mask = None if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
         b, s = ids.shape
         p = max(s - 1, 1)
-        rows: list[tuple[int, int, dict[str, np.ndarray]]] = []
+        spans: list[tuple[int, int, int]] = []  # (start, length, positions answered)
         for i in range(b):
             if mask is None:
                 start, length = 0, s
             else:
                 nz = np.flatnonzero(mask[i])
                 if nz.size == 0:
-                    rows.append((0, 0, {}))
+                    spans.append((0, 0, 0))
                     continue
                 start, length = int(nz[0]), int(nz[-1] - nz[0] + 1)
                 if nz.size != length:
                     raise ValueError(f"attention_mask row {i} is not one contiguous run of ones")
-            n = min(length, p - start)
+            spans.append((start, length, min(length, p - start)))
+        if self.fallback is not None:
+            self._fill(ids, spans, sample_set)
+        rows: list[tuple[int, int, dict[str, np.ndarray]]] = []
+        for i, (start, length, n) in enumerate(spans):
             if n <= 0:
                 rows.append((0, 0, {}))
                 continue
@@ -313,6 +352,23 @@ class StoreReader:
                 )
             rows.append((start, n, cols))
         return FORMAT_TAGS[self.format], self._assemble(rows, b, p)
+
+    def _fill(self, ids: np.ndarray, spans: list[tuple[int, int, int]], sample_set: int) -> None:
+        """Have the fallback answer the batch's sequences the store lacks."""
+        from .writer import sequence_key
+
+        missing: dict[str, np.ndarray] = {}
+        for i, (start, length, n) in enumerate(spans):
+            if n > 0:
+                seq = ids[i, start : start + length]
+                key = sequence_key(seq)
+                if (key, sample_set) not in self:
+                    missing[key] = seq
+        if missing:
+            self.refresh()  # another process may have published them since
+            todo = [q for k, q in missing.items() if (k, sample_set) not in self]
+            if todo:
+                self.fallback(todo, sample_set)
 
     def _assemble(
         self, rows: list[tuple[int, int, dict[str, np.ndarray]]], b: int, p: int

@@ -5,6 +5,8 @@ scheme is registered there by name, so the client imports this module only when 
 Query parameters state what the client expects, refused at open when the manifest differs:
 ``store:///data/teacher?vocab_size=49152&format=compact&tokenizer=<fingerprint>``.
 ``sample_set=K`` picks a sample set of a store recorded with several per sequence.
+``fallback=ADDRESS`` sends a sequence the store lacks to the live teacher at ADDRESS and
+records its answer into the store (`LiveFallback`); the value is percent-decoded once.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .reader import StoreReader
 
 __all__ = ["ReplayEndpoint", "connect"]
 
-_QUERY = {"vocab_size", "format", "tokenizer", "sample_set"}
+_QUERY = {"vocab_size", "format", "tokenizer", "sample_set", "fallback"}
 
 
 class _Message:
@@ -56,7 +58,9 @@ class ReplayEndpoint:
         return not self._closed
 
     def close(self) -> None:
-        self._closed = True
+        if not self._closed:
+            self._closed = True
+            self.reader.close()  # publishes what a fallback recorded
 
     def set_epoch(self, epoch: int) -> None:
         """Answer from sample set ``epoch mod samples_per_epoch``."""
@@ -115,5 +119,6 @@ def connect(address: str, slot_id: int | None = None, **kwargs: Any) -> ReplayEn
         vocab_size=int(vocab) if vocab is not None else None,
         output_format=one("format"),
         tokenizer=one("tokenizer"),
+        fallback=one("fallback"),
     )
     return ReplayEndpoint(reader, int(one("sample_set") or 0))

@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import StoreError
-from .layout import ROW_COLUMNS, columns_for, encode_row
+from .layout import ROW_COLUMNS, RowColumns, columns_for, encode_row
 from .manifest import _fsync_dir, write_manifest
 from .reader import list_shards, read_keys, shard_schema
 
-__all__ = ["StoreWriter", "sequence_key"]
+__all__ = ["StoreWriter", "column_encodings", "sequence_key"]
 
 log = logging.getLogger("sensai.store")
 
@@ -36,6 +36,16 @@ def sequence_key(ids: Any) -> str:
 
     a = np.ascontiguousarray(np.asarray(ids), dtype="<i8").reshape(-1)
     return hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest()
+
+
+def column_encodings(spec: list[RowColumns]) -> dict[str, str]:
+    """Parquet encodings of a shard's list columns, by leaf path: BYTE_STREAM_SPLIT for each
+    (measured smaller under zstd than PLAIN, DELTA_BINARY_PACKED or a dictionary on every
+    column of SmolLM2 answers; benchmarks/store_bench.py), on float columns only where
+    pyarrow is older than 16 and cannot write it for integers or float16."""
+    new = tuple(int(x) for x in pa.__version__.split(".")[:1]) >= (16,)
+    keep = [c for c in spec if new or c.dtype in ("float32", "float64")]
+    return {f"{c.name}.list.element": "BYTE_STREAM_SPLIT" for c in keep}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -79,6 +89,7 @@ class StoreWriter:
         self.rows_per_shard = rows_per_shard
         self.shard_bytes = shard_bytes
         self.compression_level = compression_level
+        self._encodings = column_encodings(self._spec)
         self._remove_stale_tmp()
         self._keys: set[tuple[str, int]] = set()
         for shard in list_shards(self.directory):
@@ -155,7 +166,6 @@ class StoreWriter:
         name = f"shard-{self._tag}-{self._seq:06d}.parquet"
         self._seq += 1
         tmp = self.directory / f"{_TMP_PREFIX}{self._tag}-{name}"
-        delta = [c.name for c in self._spec if c.name == "tokens" and self.level != "lossless"]
         try:
             pq.write_table(
                 table,
@@ -163,7 +173,7 @@ class StoreWriter:
                 compression="zstd",
                 compression_level=self.compression_level,
                 use_dictionary=False,
-                column_encoding={c: "DELTA_BINARY_PACKED" for c in delta} or None,
+                column_encoding=self._encodings,
                 write_statistics=False,
             )
             with open(tmp, "rb+") as f:
