@@ -126,6 +126,38 @@ def test_a_message_a_child_drops_stays_the_parents(short_tmp: str) -> None:
     server.close()
 
 
+def test_a_parents_close_frees_its_slot_while_its_forked_workers_live(
+    kind: str, short_tmp: str
+) -> None:
+    """A worker that opened its own endpoint lets go of its copy of the parent's, so the
+    server sees the parent's close at once, not when the last worker exits."""
+    path = _path(kind, short_tmp)
+    server = make_server(kind, path, 3)
+    with ServerThread(server, answer_with(double)):
+        client = SensAIClient(make_client(kind, path, 0))
+        client.send_tensor(np.arange(3))
+        ready, done = FORK.Event(), FORK.Event()
+
+        def worker() -> None:
+            client.send_tensor(np.arange(3))  # opens its own endpoint, drops the parent's
+            gc.collect()
+            ready.set()
+            done.wait(60)
+
+        p = FORK.Process(target=worker)
+        p.start()
+        try:
+            assert ready.wait(30)
+            client.transport.close()
+            with make_client(kind, path, 0, connect_timeout=10) as again:  # slot 0 is free
+                np.testing.assert_array_equal(again.request(np.ones(2), timeout=10), 2.0)
+        finally:
+            done.set()
+            p.join(30)
+    assert p.exitcode == 0
+    server.close()
+
+
 class _Rows(torch.utils.data.Dataset):
     """Row i holds 8 values that no other row holds (below ``vocab``, rows that differ from
     their neighbours), so a swapped answer shows."""

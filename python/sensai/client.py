@@ -37,11 +37,6 @@ __all__ = ["Client", "SensAIClient", "INFO_TAG", "SEED_FLAG"]  # the tags: sensa
 
 log = logging.getLogger("sensai.client")
 
-# Endpoints a forked child inherited from its parent. Closing one (explicitly or through its
-# finaliser) from the child would give the *parent's* slot back (shared memory) or tear down
-# state the parent still uses, so the child keeps them referenced, untouched, until it exits.
-_INHERITED: list[Any] = []
-
 _UNSET: Any = object()
 
 
@@ -77,9 +72,9 @@ class Client:
     The connection opens on first use. A client is picklable (the copy connects on its own
     first use) and fork-aware: used in a process other than the one that connected (e.g. a
     forked DataLoader worker), it opens its own connection and slot (the ``slot_id`` given, or
-    any free slot while the parent holds that one). The inherited connection is left
-    untouched and never closed from the child, since closing it there would release the
-    parent's slot.
+    any free slot while the parent holds that one). The inherited connection is let go of
+    in the child, which closes only the child's copies of its descriptors: the parent's
+    slot is untouched, and the server sees the parent's close when it comes.
 
     A client outlives its server: a request that finds the server gone (exited, or
     restarted on the same path) opens a new connection first, so a restarted server is
@@ -125,10 +120,9 @@ class Client:
             raise ClosedError(f"this client of {self.address} was closed")
         pid = os.getpid()
         if self._pid is not None and self._pid != pid:
-            # Inherited through fork: keep the parent's endpoint referenced but unused here
-            # (see _INHERITED), and a fresh lock (the parent's may have been held at fork).
-            if self._endpoint is not None:
-                _INHERITED.append(self._endpoint)
+            # Inherited through fork: let go of the parent's endpoint (in a child, closing or
+            # dropping one only closes the child's copies of its descriptors: see ForkError),
+            # and take a fresh lock (the parent's may have been held at fork).
             self._endpoint, self._pid = None, None
             self._lock = threading.Lock()
         with self._lock:
@@ -167,15 +161,12 @@ class Client:
         return int(self._ep().slot_id)
 
     def close(self) -> None:
-        """Release this process's connection and slot. Idempotent; an inherited connection
-        (opened by a parent process) is dropped, not closed."""
+        """Release this process's connection and slot. Idempotent; a connection inherited
+        from a parent process is let go of here without touching the parent's slot."""
         ep, self._endpoint = self._endpoint, None
         self._closed = True
         if ep is not None:
-            if self._pid == os.getpid():
-                ep.close()
-            else:
-                _INHERITED.append(ep)
+            ep.close()
 
     def __enter__(self) -> Client:
         return self
@@ -194,12 +185,6 @@ class Client:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
-
-    def __del__(self) -> None:
-        ep = getattr(self, "_endpoint", None)
-        if ep is not None and getattr(self, "_pid", None) != os.getpid():
-            _INHERITED.append(ep)  # never let the child's finaliser close the parent's slot
-            self._endpoint = None
 
     def __repr__(self) -> str:
         state = (
@@ -325,8 +310,8 @@ class SensAIClient:
     Fork-aware over SensAI's own endpoints: used in a process other than the one that
     opened ``transport`` (a forked DataLoader worker), it first opens its own endpoint to
     the same server, on the same slot if it is free, else on any free one, and uses that
-    from then on (``self.transport``). The inherited endpoint is left untouched for the
-    parent. A transport of the user's own is used as it is.
+    from then on (``self.transport``). The inherited endpoint is let go of, which leaves the
+    parent's slot untouched. A transport of the user's own is used as it is.
     """
 
     def __init__(self, transport: Any) -> None:
@@ -339,9 +324,9 @@ class SensAIClient:
         if pid != self._pid:
             reopen = getattr(self.transport, "reopen", None)
             if reopen is not None:
-                inherited = self.transport
+                # The parent's endpoint is dropped here: in this process that only closes its
+                # copies of the descriptors, never the parent's slot (see ForkError).
                 self.transport = reopen()
-                _INHERITED.append(inherited)  # the parent's: never closed from here
                 log.info(
                     "process %d: opened its own endpoint to %s on slot %s (it was forked "
                     "from process %d, whose endpoint it must not use)",
