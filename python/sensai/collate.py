@@ -230,7 +230,17 @@ class _Counts:
 
 def _report(counts: _Counts, address: str, end: bool) -> None:
     since = counts.without - counts.reported[1]
-    if since or (end and counts.without):
+    if end and counts.without:
+        log.warning(
+            "%s: process %d ends with %d of its %d batches without a teacher answer; last "
+            "cause: %s",
+            address,
+            counts.pid,
+            counts.without,
+            counts.batches,
+            counts.last_error,
+        )
+    elif since and not end:
         log.warning(
             "%s: %d of the last %d batches went without a teacher answer (%d of %d in "
             "process %d so far); last cause: %s",
