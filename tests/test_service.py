@@ -26,7 +26,9 @@ from sensai.protocol import INFO_TAG, SEED_FLAG
 from sensai.serving.batching import TeacherService
 from sensai.transports import connect
 
-pytestmark = pytest.mark.timeout(60)
+# The first test of a module also carries its fixture: three servers started at once, each
+# importing torch and building the tiny model (wait_ready allows 120 s on a loaded machine).
+pytestmark = pytest.mark.timeout(180)
 
 TRANSPORTS = ("shared_memory", "unix_socket", "named_pipe")
 _PATH_FLAG = {
