@@ -17,7 +17,6 @@
 //! * Bytes that are not a valid frame make the server recreate that slot's FIFOs, so a
 //!   partial frame of a killed client can never be read as part of the next one.
 
-use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -31,11 +30,13 @@ use crate::error::{Error, IoContext, Result};
 use crate::frame::{control, Kind, Limits, Meta, TensorRef};
 use crate::transport::access::Owner;
 use crate::transport::lock::{pid_alive, read_pid, LockFile};
-use crate::transport::stream::{self, Flush, FrameReader, Incoming, ReadStatus, Session};
+use crate::transport::stream::{
+    self, poll_readable, ClientStream, Flush, Incoming, ReadStatus, Session,
+};
 use crate::transport::{
-    check_client_kind, check_private, check_slot, not_yet, parse_hello_ack, poll_fds,
-    request_context, retry_until_up, slot_out_of_range, take_answer, ClientEndpoint, Deadline,
-    Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_private, check_slot, not_yet, parse_hello_ack, poll_fds, retry_until_up,
+    slot_out_of_range, ClientEndpoint, Deadline, Interrupt, Message, ServerEndpoint,
+    HANDSHAKE_LIMITS,
 };
 use crate::transport::{wait_fds, Retry};
 
@@ -583,14 +584,10 @@ fn server_liveness(pid: u32) -> impl FnMut() -> Result<()> {
 /// The client endpoint of the named-pipe transport.
 pub struct FifoClient {
     dir: PathBuf,
-    slot: usize,
-    limits: Limits,
     req: Option<File>,
     resp: Option<File>,
     _lease: Option<LockFile>,
-    reader: FrameReader,
-    next_id: u64,
-    outstanding: VecDeque<u64>,
+    conn: ClientStream,
     server_pid: u32,
     owner: Owner,
 }
@@ -697,16 +694,14 @@ impl FifoClient {
                 dir.display()
             ));
         }
+        let mut conn = ClientStream::new();
+        conn.slot = slot;
         let mut c = FifoClient {
             dir: dir.to_path_buf(),
-            slot,
-            limits: HANDSHAKE_LIMITS,
             req: Some(req),
             resp: Some(resp),
             _lease: Some(lease),
-            reader: FrameReader::new(HANDSHAKE_LIMITS),
-            next_id: 1,
-            outstanding: VecDeque::new(),
+            conn,
             server_pid,
             owner: Owner::here(),
         };
@@ -738,8 +733,7 @@ impl FifoClient {
                 e @ Error::PeerGone(_) => Retry::NotYet(e),
                 e => Retry::Fail(e),
             })?;
-        c.limits = params.limits;
-        c.reader.set_limits(params.limits);
+        c.conn.set_limits(params.limits);
         Ok(c)
     }
 
@@ -773,7 +767,7 @@ impl FifoClient {
         // The request FIFO's write end reports an error once no reader is left: the server
         // replaced the slot's FIFOs before it read our HELLO (or exited).
         let msg = loop {
-            match c.reader.read_from(resp)? {
+            match c.conn.reader.read_from(resp)? {
                 ReadStatus::Frame(m) => break m,
                 ReadStatus::WouldBlock | ReadStatus::Eof => {}
             }
@@ -816,81 +810,46 @@ impl FifoClient {
     }
 
     fn what(&self) -> String {
-        format!("slot {} of {}", self.slot, self.dir.display())
+        format!("slot {} of {}", self.conn.slot, self.dir.display())
     }
 }
 
 impl ClientEndpoint for FifoClient {
     fn slot(&self) -> usize {
-        self.slot
+        self.conn.slot
     }
 
     fn limits(&self) -> &Limits {
-        &self.limits
+        &self.conn.limits
     }
 
     fn send(
         &mut self,
-        mut meta: Meta,
+        meta: Meta,
         tensors: &[TensorRef<'_>],
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<u64> {
-        self.owner
-            .check(|| format!("the client on {}", self.what()))?;
-        check_client_kind(&meta)?;
         let what = self.what();
-        let pid = self.server_pid;
-        let req = self.req.as_mut().ok_or(Error::Closed)?;
-        let id = self.next_id;
-        meta.request_id = id;
-        meta.slot = self.slot as u32;
-        let deadline = Deadline::after(timeout);
-        let mut live = server_liveness(pid);
-        stream::send_blocking(
-            req,
-            &meta,
-            tensors,
-            &self.limits,
-            &deadline,
-            interrupt,
-            &|| format!("sending on {what}"),
-            &mut live,
-        )
-        .map_err(|e| request_context(e, &what))?;
-        self.next_id += 1;
-        self.outstanding.push_back(id);
-        Ok(id)
+        self.owner.check(|| format!("the client on {what}"))?;
+        let live = &mut server_liveness(self.server_pid);
+        let req = self.req.as_mut();
+        self.conn
+            .send(req, meta, tensors, timeout, interrupt, &what, live)
     }
 
     fn is_ready(&mut self) -> Result<bool> {
         self.owner
             .check(|| format!("the client on {}", self.what()))?;
-        let resp = self.resp.as_ref().ok_or(Error::Closed)?;
-        let mut fds = [PollFd::new(resp, PollFlags::IN)];
-        poll_fds(&mut fds, Duration::ZERO)?;
-        Ok(!fds[0].revents().is_empty())
+        poll_readable(self.resp.as_ref())
     }
 
     fn recv_raw(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
-        self.owner
-            .check(|| format!("the client on {}", self.what()))?;
         let what = self.what();
-        let pid = self.server_pid;
-        let resp = self.resp.as_mut().ok_or(Error::Closed)?;
-        let deadline = Deadline::after(timeout);
-        let mut live = server_liveness(pid);
-        let msg = stream::recv_blocking(
-            resp,
-            &mut self.reader,
-            &deadline,
-            interrupt,
-            &|| format!("waiting for a response on {what}"),
-            &mut live,
-        )?;
-        let m = *msg.meta();
-        take_answer(&mut self.outstanding, &m, &what)?;
-        Ok(msg)
+        self.owner.check(|| format!("the client on {what}"))?;
+        let live = &mut server_liveness(self.server_pid);
+        let resp = self.resp.as_mut();
+        self.conn.recv(resp, timeout, interrupt, &what, live)
     }
 
     fn server_alive(&mut self) -> bool {

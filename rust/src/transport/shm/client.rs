@@ -355,23 +355,14 @@ impl ClientEndpoint for ShmClient {
         interrupt: Interrupt<'_>,
     ) -> Result<Message> {
         self.abandoned_upto = self.abandoned_upto.max(id.saturating_sub(1));
-        let deadline = Deadline::after(timeout);
-        loop {
-            let msg = match self.recv_raw(deadline.remaining(), interrupt) {
-                Ok(m) => m,
-                Err(e) => {
-                    if matches!(e, Error::Timeout { .. } | Error::Interrupted) {
-                        self.abandoned_upto = self.abandoned_upto.max(id);
-                    }
-                    return Err(e);
-                }
-            };
-            let rid = msg.meta().request_id;
-            // Request id 0 marks an error the server could not attribute to one request.
-            if rid >= id || rid == 0 {
-                return crate::transport::finish_response(msg);
-            }
+        let got = crate::transport::recv_answer_for(id, timeout, |left| {
+            self.recv_raw(left, &mut *interrupt)
+        });
+        // (An answer that arrived ends as Ok or as Error::Remote, never as these.)
+        if matches!(got, Err(Error::Timeout { .. } | Error::Interrupted)) {
+            self.abandoned_upto = self.abandoned_upto.max(id);
         }
+        got
     }
 
     fn server_alive(&mut self) -> bool {
