@@ -1,7 +1,21 @@
 //! The Python classes: Message, ServerEndpoint, Reservation, ClientEndpoint.
 
-#[allow(unused_imports)]
-use super::*;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::error::Error;
+use crate::frame::{DType, Kind, Limits, TensorSpec, FLAG_LIST};
+use crate::transport::fifo::{FifoClient, FifoServer};
+use crate::transport::shm::{Reservation, ShmClient, ShmServer};
+use crate::transport::uds::{UdsClient, UdsServer};
+use crate::transport::{slot_out_of_range, ClientEndpoint, Message, ServerEndpoint};
+
+use super::convert::{
+    client_slot_arg, header, kind_arg, limits_arg, timeout_arg, view_array, Outgoing,
+};
+use super::errors::to_pyerr;
+use super::holder::{detached, Close, Shared};
 
 /// A received message. Its arrays are numpy views of the received buffer, which lives as
 /// long as any of them (each array's `base` is this object).

@@ -1,8 +1,25 @@
 //! The shared-memory client: sending requests into its slot's ring and taking the answers
 //! as views of the response buffers.
 
-#[allow(unused_imports)]
-use super::*;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::frame::{self, Limits, Meta, TensorRef};
+use crate::sync::{Event, Wake};
+use crate::transport::access::Owner;
+use crate::transport::lock::pid_alive;
+use crate::transport::{
+    check_client_kind, request_context, take_answer, ClientEndpoint, Deadline, Interrupt, Message,
+    INTERRUPT_CHECK,
+};
+
+use super::layout::{off, READY};
+use super::ring::{decode_at, holder_of, Region, ShmLease};
+
 /// The client endpoint of the shared-memory transport.
 pub struct ShmClient {
     pub(super) path: PathBuf,
