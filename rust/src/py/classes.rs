@@ -1,7 +1,23 @@
 //! The Python classes: Message, ServerEndpoint, Reservation, ClientEndpoint.
 
-#[allow(unused_imports)]
-use super::*;
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::error::Error;
+use crate::frame::{DType, Kind, Limits, TensorSpec, FLAG_LIST};
+use crate::transport::fifo::{FifoClient, FifoServer};
+use crate::transport::shm::{Reservation, ShmClient, ShmServer};
+use crate::transport::uds::{UdsClient, UdsServer};
+use crate::transport::{slot_out_of_range, ClientEndpoint, Interrupt, Message, ServerEndpoint};
+
+use super::convert::{
+    client_slot_arg, header, kind_arg, limits_arg, timeout_arg, view_array, Outgoing,
+};
+use super::errors::to_pyerr;
+use super::holder::{detached, Close, Shared};
 
 /// A received message. Its arrays are numpy views of the received buffer, which lives as
 /// long as any of them (each array's `base` is this object).
@@ -553,6 +569,21 @@ impl PyClient {
     }
 }
 
+/// Connect a client with the arguments of the Python constructors (checked here), waiting
+/// without the GIL.
+fn connect_client<C: Send>(
+    py: Python<'_>,
+    path: &str,
+    slot_id: Option<i64>,
+    connect_timeout: Option<f64>,
+    connect: impl FnOnce(&str, Option<usize>, Option<Duration>, Interrupt<'_>) -> Result<C, Error>
+        + Send,
+) -> PyResult<C> {
+    let t = timeout_arg(connect_timeout, "connect_timeout")?;
+    let slot_id = client_slot_arg(py, slot_id, path)?;
+    detached(py, |check| connect(path, slot_id, t, check))
+}
+
 #[pymethods]
 impl PyClient {
     /// Connect to a Unix-socket server and claim `slot_id` (None: any free slot).
@@ -564,10 +595,9 @@ impl PyClient {
         slot_id: Option<i64>,
         connect_timeout: Option<f64>,
     ) -> PyResult<PyClient> {
-        let t = timeout_arg(connect_timeout, "connect_timeout")?;
-        let slot_id = client_slot_arg(py, slot_id, &path)?;
-        let p = path.clone();
-        let c = detached(py, |check| UdsClient::connect(&p, slot_id, t, check))?;
+        let c = connect_client(py, &path, slot_id, connect_timeout, |p, s, t, i| {
+            UdsClient::connect(p, s, t, i)
+        })?;
         Ok(PyClient::new(Box::new(c), "unix_socket", path))
     }
 
@@ -580,10 +610,9 @@ impl PyClient {
         slot_id: Option<i64>,
         connect_timeout: Option<f64>,
     ) -> PyResult<PyClient> {
-        let t = timeout_arg(connect_timeout, "connect_timeout")?;
-        let slot_id = client_slot_arg(py, slot_id, &path)?;
-        let p = path.clone();
-        let c = detached(py, |check| FifoClient::connect(&p, slot_id, t, check))?;
+        let c = connect_client(py, &path, slot_id, connect_timeout, |p, s, t, i| {
+            FifoClient::connect(p, s, t, i)
+        })?;
         Ok(PyClient::new(Box::new(c), "named_pipe", path))
     }
 
@@ -596,10 +625,9 @@ impl PyClient {
         slot_id: Option<i64>,
         connect_timeout: Option<f64>,
     ) -> PyResult<PyClient> {
-        let t = timeout_arg(connect_timeout, "connect_timeout")?;
-        let slot_id = client_slot_arg(py, slot_id, &path)?;
-        let p = path.clone();
-        let c = detached(py, |check| ShmClient::attach(&p, slot_id, t, check))?;
+        let c = connect_client(py, &path, slot_id, connect_timeout, |p, s, t, i| {
+            ShmClient::attach(p, s, t, i)
+        })?;
         let path = crate::transport::shm::resolve_path(std::path::Path::new(&path))
             .display()
             .to_string();

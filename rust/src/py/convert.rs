@@ -1,8 +1,21 @@
 //! Conversions between Python arguments (numpy arrays, dtype names, timeouts, slot ids)
 //! and the crate's types.
 
-#[allow(unused_imports)]
-use super::*;
+use std::ffi::c_void;
+use std::time::Duration;
+
+use numpy::npyffi::{
+    self, npy_intp, NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE, PY_ARRAY_API,
+};
+use numpy::prelude::*;
+use numpy::{PyArrayDescr, PyUntypedArray};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::frame::{DType, Kind, Limits, Meta, TensorRef, FLAG_LIST};
+use crate::transport::slot_out_of_range;
+
+use super::errors::to_pyerr;
 
 /// The slot a client asks for: a negative id is out of range (the `ValueError` every transport
 /// raises for a slot past the server's last one), not an `OverflowError`.

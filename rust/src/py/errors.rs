@@ -1,7 +1,9 @@
 //! Rust errors as the exception classes of `sensai.errors`.
 
-#[allow(unused_imports)]
-use super::*;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::error::Error;
 
 /// Turn a crate error into the matching `sensai.errors` exception.
 pub(super) fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {

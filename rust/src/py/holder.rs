@@ -1,8 +1,16 @@
 //! Thread turn-taking for the endpoint classes ([`Shared`]) and the GIL-released waits that
 //! re-check for Ctrl-C.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::ThreadId;
+
+use pyo3::prelude::*;
+
+use crate::error::Error;
+use crate::transport::access::Owner;
+
+use super::errors::{sensai_error, to_pyerr};
 
 /// Run `f` without the GIL. `f` gets an interrupt callback that briefly re-takes the GIL to
 /// run Python's signal handlers; if one raises (Ctrl-C), the wait ends with that exception.

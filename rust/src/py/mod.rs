@@ -11,42 +11,16 @@
 //! call at a time use it, makes a second caller wait for a short call or raise `BusyError`
 //! during a blocking one, and lets `close()` and the properties through at any time.
 
-use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::ThreadId;
-use std::time::Duration;
-
-use numpy::npyffi::{
-    self, npy_intp, NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE, PY_ARRAY_API,
-};
-use numpy::prelude::*;
-use numpy::{PyArrayDescr, PyUntypedArray};
-use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyList;
 
-use crate::error::Error;
-use crate::frame::{self, DType, Kind, Limits, Meta, TensorRef, TensorSpec, FLAG_LIST};
-use crate::transport::access::Owner;
-use crate::transport::fifo::{FifoClient, FifoServer};
-use crate::transport::shm::{Reservation, ShmClient, ShmServer};
-use crate::transport::uds::{UdsClient, UdsServer};
-use crate::transport::{slot_out_of_range, ClientEndpoint, Message, ServerEndpoint};
+use crate::frame::{self, DType};
 
 mod classes;
 mod convert;
 mod errors;
 mod holder;
 
-#[allow(unused_imports)]
-use classes::*;
-#[allow(unused_imports)]
-use convert::*;
-#[allow(unused_imports)]
-use errors::*;
-#[allow(unused_imports)]
-use holder::*;
+use classes::{PyClient, PyMessage, PyReservation, PyServer};
 
 #[pyfunction]
 fn dtype_names() -> Vec<&'static str> {

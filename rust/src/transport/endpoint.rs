@@ -201,15 +201,7 @@ pub trait ClientEndpoint: Send + Sync {
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<Message> {
-        let deadline = Deadline::after(timeout);
-        loop {
-            let msg = self.recv_raw(deadline.remaining(), interrupt)?;
-            let rid = msg.meta().request_id;
-            // Request id 0 marks an error the server could not attribute to one request.
-            if rid >= id || rid == 0 {
-                return finish_response(msg);
-            }
-        }
+        recv_answer_for(id, timeout, |left| self.recv_raw(left, &mut *interrupt))
     }
     /// Whether the server this client is connected to is still there, as far as can be
     /// told without blocking (a closed connection, a hang-up, an exited server process).
@@ -218,6 +210,24 @@ pub trait ClientEndpoint: Send + Sync {
     fn server_alive(&mut self) -> bool;
     /// Release the slot and the connection. Idempotent.
     fn close(&mut self);
+}
+
+/// Receive frames with `recv_raw` (given the time left of `timeout`) until the answer to
+/// request `id`, discarding the answers to older requests; as [`ClientEndpoint::recv_for`].
+pub(crate) fn recv_answer_for(
+    id: u64,
+    timeout: Option<Duration>,
+    mut recv_raw: impl FnMut(Option<Duration>) -> Result<Message>,
+) -> Result<Message> {
+    let deadline = Deadline::after(timeout);
+    loop {
+        let msg = recv_raw(deadline.remaining())?;
+        let rid = msg.meta().request_id;
+        // Request id 0 marks an error the server could not attribute to one request.
+        if rid >= id || rid == 0 {
+            return finish_response(msg);
+        }
+    }
 }
 
 /// Match a received frame to the oldest outstanding request id and retire that id. An error

@@ -28,7 +28,7 @@ pub(crate) use deadline::{poll_fds, wait_fd, wait_fds};
 pub(crate) use discover::testing;
 pub(crate) use discover::{not_yet, retry_until_up, DirWatch, Retry};
 pub(crate) use endpoint::{
-    check_slot, finish_response, request_context, slot_out_of_range, slot_range_text, take_answer,
+    check_slot, recv_answer_for, request_context, slot_out_of_range, slot_range_text, take_answer,
 };
 pub use endpoint::{
     no_interrupt, ClientEndpoint, Interrupt, Message, ServerEndpoint, INTERRUPT_CHECK,

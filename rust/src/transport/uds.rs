@@ -10,7 +10,6 @@
 //! The server never blocks on one client: sockets are non-blocking, and a response the
 //! client cannot take yet is queued and finished by later `wait_any` calls.
 
-use std::collections::VecDeque;
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -23,11 +22,13 @@ use crate::error::{Error, IoContext, Result};
 use crate::frame::{self, control, error_code, Kind, Limits, Meta, TensorRef};
 use crate::transport::access::Owner;
 use crate::transport::lock::LockFile;
-use crate::transport::stream::{self, Flush, FrameReader, Incoming, ReadStatus, Session};
+use crate::transport::stream::{
+    self, poll_readable, ClientStream, Flush, Incoming, ReadStatus, Session,
+};
 use crate::transport::{
-    check_client_kind, check_peer_uid, check_slot, not_yet, parse_hello_ack, poll_fds, rand_u64,
-    request_context, retry_until_up, slot_range_text, take_answer, temp_context, ClientEndpoint,
-    Deadline, Interrupt, Message, ServerEndpoint, HANDSHAKE_LIMITS,
+    check_peer_uid, check_slot, not_yet, parse_hello_ack, poll_fds, rand_u64, retry_until_up,
+    slot_range_text, temp_context, ClientEndpoint, Deadline, Interrupt, Message, ServerEndpoint,
+    HANDSHAKE_LIMITS,
 };
 
 /// Kernel send buffer asked for each connection: large enough to keep a big response
@@ -640,11 +641,7 @@ impl Drop for UdsServer {
 pub struct UdsClient {
     path: PathBuf,
     stream: Option<UnixStream>,
-    reader: FrameReader,
-    slot: usize,
-    limits: Limits,
-    next_id: u64,
-    outstanding: VecDeque<u64>,
+    conn: ClientStream,
     owner: Owner,
 }
 
@@ -696,11 +693,7 @@ impl UdsClient {
         let mut c = UdsClient {
             path,
             stream: Some(stream),
-            reader: FrameReader::new(HANDSHAKE_LIMITS),
-            slot: 0,
-            limits: HANDSHAKE_LIMITS,
-            next_id: 1,
-            outstanding: VecDeque::new(),
+            conn: ClientStream::new(),
             owner: Owner::here(),
         };
         let meta = Meta {
@@ -726,98 +719,65 @@ impl UdsClient {
         );
         if let Err(e) = sent {
             // A server that refused us may have said why before closing.
-            if let Ok(ReadStatus::Frame(m)) = c.reader.read_from(stream) {
+            if let Ok(ReadStatus::Frame(m)) = c.conn.reader.read_from(stream) {
                 parse_hello_ack(&m, nonce, &c.path)?;
             }
             return Err(e);
         }
         let msg = stream::recv_blocking(
             stream,
-            &mut c.reader,
+            &mut c.conn.reader,
             &deadline,
             interrupt,
             &|| what_s.clone(),
             &mut || Ok(()),
         )?;
         let params = parse_hello_ack(&msg, nonce, &c.path)?;
-        c.slot = params.slot;
-        c.limits = params.limits;
-        c.reader.set_limits(params.limits);
+        c.conn.accept(params);
         Ok(c)
     }
 
     fn what(&self) -> String {
-        format!("slot {} of {}", self.slot, self.path.display())
+        format!("slot {} of {}", self.conn.slot, self.path.display())
     }
 }
 
 impl ClientEndpoint for UdsClient {
     fn slot(&self) -> usize {
-        self.slot
+        self.conn.slot
     }
 
     fn limits(&self) -> &Limits {
-        &self.limits
+        &self.conn.limits
     }
 
     fn send(
         &mut self,
-        mut meta: Meta,
+        meta: Meta,
         tensors: &[TensorRef<'_>],
         timeout: Option<Duration>,
         interrupt: Interrupt<'_>,
     ) -> Result<u64> {
-        self.owner
-            .check(|| format!("the client on {}", self.what()))?;
-        check_client_kind(&meta)?;
         let what = self.what();
-        let stream = self.stream.as_mut().ok_or(Error::Closed)?;
-        let id = self.next_id;
-        meta.request_id = id;
-        meta.slot = self.slot as u32;
-        let deadline = Deadline::after(timeout);
-        stream::send_blocking(
-            stream,
-            &meta,
-            tensors,
-            &self.limits,
-            &deadline,
-            interrupt,
-            &|| format!("sending on {what}"),
-            &mut || Ok(()),
-        )
-        .map_err(|e| request_context(e, &what))?;
-        self.next_id += 1;
-        self.outstanding.push_back(id);
-        Ok(id)
+        self.owner.check(|| format!("the client on {what}"))?;
+        let stream = self.stream.as_mut();
+        let live = &mut || Ok(());
+        self.conn
+            .send(stream, meta, tensors, timeout, interrupt, &what, live)
     }
 
     fn is_ready(&mut self) -> Result<bool> {
         self.owner
             .check(|| format!("the client on {}", self.what()))?;
-        let stream = self.stream.as_ref().ok_or(Error::Closed)?;
-        let mut fds = [PollFd::new(stream, PollFlags::IN)];
-        poll_fds(&mut fds, Duration::ZERO)?;
-        Ok(!fds[0].revents().is_empty())
+        poll_readable(self.stream.as_ref())
     }
 
     fn recv_raw(&mut self, timeout: Option<Duration>, interrupt: Interrupt<'_>) -> Result<Message> {
-        self.owner
-            .check(|| format!("the client on {}", self.what()))?;
         let what = self.what();
-        let stream = self.stream.as_mut().ok_or(Error::Closed)?;
-        let deadline = Deadline::after(timeout);
-        let msg = stream::recv_blocking(
-            stream,
-            &mut self.reader,
-            &deadline,
-            interrupt,
-            &|| format!("waiting for a response on {what}"),
-            &mut || Ok(()),
-        )?;
-        let m = *msg.meta();
-        take_answer(&mut self.outstanding, &m, &what)?;
-        Ok(msg)
+        self.owner.check(|| format!("the client on {what}"))?;
+        let stream = self.stream.as_mut();
+        self.conn
+            .recv(stream, timeout, interrupt, &what, &mut || Ok(()))
     }
 
     fn server_alive(&mut self) -> bool {
@@ -971,7 +931,7 @@ mod tests {
         let p2 = p.clone();
         let h = std::thread::spawn(move || {
             UdsClient::connect(&p2, None, Some(Duration::from_secs(5)), &mut no_interrupt())
-                .map(|c| c.slot)
+                .map(|c| c.conn.slot)
         });
         while !h.is_finished() {
             srv.pump(Duration::from_millis(10)).unwrap();

@@ -1,8 +1,32 @@
 //! Attaching a client: checking the file (owner, mode, header, geometry) before trusting any
 //! word of it, leasing a slot and waiting for the server's acknowledgement.
 
-#[allow(unused_imports)]
-use super::*;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::error::{Error, IoContext, Result};
+use crate::frame::{self, Limits};
+use crate::sync::futex_wait;
+use crate::transport::access::Owner;
+use crate::transport::lock::pid_alive;
+use crate::transport::{check_private, slot_out_of_range, Deadline, DirWatch, Interrupt};
+
+use super::client::{server_alive, wait_event, ShmClient};
+use super::layout::{
+    off, resolve_path, Geometry, CLOSED, HEADER_REGION, LAYOUT_VERSION, MIN_RING_DEPTH, READY,
+    SHM_MAGIC,
+};
+use super::lease;
+use super::ring::{holder_of, Region, FREE};
+
 /// What a look at the file found.
 pub(super) enum Inspect {
     Ready(Region),

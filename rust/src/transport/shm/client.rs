@@ -1,8 +1,25 @@
 //! The shared-memory client: sending requests into its slot's ring and taking the answers
 //! as views of the response buffers.
 
-#[allow(unused_imports)]
-use super::*;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::frame::{self, Limits, Meta, TensorRef};
+use crate::sync::{Event, Wake};
+use crate::transport::access::Owner;
+use crate::transport::lock::pid_alive;
+use crate::transport::{
+    check_client_kind, request_context, take_answer, ClientEndpoint, Deadline, Interrupt, Message,
+    INTERRUPT_CHECK,
+};
+
+use super::layout::{off, READY};
+use super::ring::{decode_at, holder_of, Region, ShmLease};
+
 /// The client endpoint of the shared-memory transport.
 pub struct ShmClient {
     pub(super) path: PathBuf,
@@ -355,23 +372,14 @@ impl ClientEndpoint for ShmClient {
         interrupt: Interrupt<'_>,
     ) -> Result<Message> {
         self.abandoned_upto = self.abandoned_upto.max(id.saturating_sub(1));
-        let deadline = Deadline::after(timeout);
-        loop {
-            let msg = match self.recv_raw(deadline.remaining(), interrupt) {
-                Ok(m) => m,
-                Err(e) => {
-                    if matches!(e, Error::Timeout { .. } | Error::Interrupted) {
-                        self.abandoned_upto = self.abandoned_upto.max(id);
-                    }
-                    return Err(e);
-                }
-            };
-            let rid = msg.meta().request_id;
-            // Request id 0 marks an error the server could not attribute to one request.
-            if rid >= id || rid == 0 {
-                return crate::transport::finish_response(msg);
-            }
+        let got = crate::transport::recv_answer_for(id, timeout, |left| {
+            self.recv_raw(left, &mut *interrupt)
+        });
+        // (An answer that arrived ends as Ok or as Error::Remote, never as these.)
+        if matches!(got, Err(Error::Timeout { .. } | Error::Interrupted)) {
+            self.abandoned_upto = self.abandoned_upto.max(id);
         }
+        got
     }
 
     fn server_alive(&mut self) -> bool {

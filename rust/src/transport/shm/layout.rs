@@ -1,8 +1,11 @@
 //! The file layout: its constants, the offsets of every word, and the geometry derived from
 //! a server's parameters (see the layout table in the module docs of `shm`).
 
-#[allow(unused_imports)]
-use super::*;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::frame::{self, Limits};
+
 /// Magic at offset 0 of a shared-memory file (distinct from the frame magic).
 pub const SHM_MAGIC: [u8; 8] = *b"SNSAshm\0";
 /// Version of the file layout described in the module docs.

@@ -19,8 +19,11 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{holder_of, off, Region, ServerSlot, ShmServer, BUSY, FREE, HELD};
 use crate::transport::lock::pid_alive;
+
+use super::layout::off;
+use super::ring::{holder_of, Region, BUSY, FREE, HELD};
+use super::server::{ServerSlot, ShmServer};
 
 /// Whether a buffer state word is one the protocol writes: free, busy, or held by a pid.
 fn valid_state(state: u64) -> bool {
@@ -177,11 +180,18 @@ pub(super) fn reset(region: &Region, slot: usize, st: &mut ServerSlot, server: u
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use super::super::client::ShmClient;
+    use super::super::layout::off;
+    use super::super::ring::held_by;
+    use super::super::server::ShmServer;
     use super::super::tests::{answer_all, attach, lim, req, T};
-    use super::super::*;
-    use crate::frame::Kind;
+    use super::*;
+    use crate::error::Error;
+    use crate::frame::{Kind, Meta};
     use crate::transport::lock::spawn_zombie;
-    use crate::transport::no_interrupt;
+    use crate::transport::{no_interrupt, ClientEndpoint, Message, ServerEndpoint};
 
     fn recv(c: &mut ShmClient) -> Message {
         c.recv(T, &mut no_interrupt()).unwrap()

@@ -84,28 +84,6 @@
 //! any shared-memory transport, a peer that writes into buffers it does not own can still
 //! change their contents under a reader.
 
-use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io::ErrorKind;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use memmap2::{MmapOptions, MmapRaw};
-
-use crate::error::{Error, IoContext, Result};
-use crate::frame::{self, error_code, Limits, Meta, TensorRef, TensorSpec};
-use crate::sync::{futex_wait, futex_wake_all, Event, Wake};
-use crate::transport::access::Owner;
-use crate::transport::lock::{pid_alive, LockFile};
-use crate::transport::{
-    check_client_kind, check_private, check_slot, client_frame_refusal, rand_u64, request_context,
-    slot_out_of_range, take_answer, temp_context, ClientEndpoint, Deadline, DirWatch, Interrupt,
-    Message, ServerEndpoint, INTERRUPT_CHECK,
-};
-
 mod attach;
 mod client;
 mod layout;
@@ -115,20 +93,10 @@ mod server;
 #[cfg(test)]
 mod tests;
 
-#[allow(unused_imports)]
-use attach::*;
 pub use client::ShmClient;
-#[allow(unused_imports)]
-use client::*;
-#[allow(unused_imports)]
-use layout::*;
 pub use layout::{
     resolve_path, DEFAULT_DIR, DEFAULT_RING_DEPTH, LAYOUT_VERSION, MAX_RING_DEPTH, MAX_SLOTS,
     MIN_RING_DEPTH, SHM_MAGIC,
 };
 pub use ring::ShmLease;
-#[allow(unused_imports)]
-use ring::*;
-#[allow(unused_imports)]
-use server::*;
 pub use server::{Reservation, ShmServer};

@@ -23,8 +23,18 @@
 //! words, so a lost or spurious wake-up costs time, never correctness. Every counter and
 //! index read from the mapping is bounds-checked against K before use.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use memmap2::MmapRaw;
+
+use crate::error::{Error, Result};
+use crate::frame::{self, Limits};
+use crate::sync::Event;
+use crate::transport::access::Owner;
+
+use super::layout::{off, Geometry};
+
 /// Buffer states (the per-buffer words of a ring).
 pub(super) const FREE: u64 = 0;
 pub(super) const BUSY: u64 = 1;

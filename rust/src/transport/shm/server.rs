@@ -1,8 +1,33 @@
 //! The shared-memory server: creating the file, reservations written in place, the
 //! per-slot state and the [`ServerEndpoint`].
 
-#[allow(unused_imports)]
-use super::*;
+use std::collections::VecDeque;
+use std::fs::OpenOptions;
+use std::io::ErrorKind;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memmap2::MmapOptions;
+
+use crate::error::{Error, IoContext, Result};
+use crate::frame::{self, error_code, Limits, Meta, TensorRef, TensorSpec};
+use crate::sync::{futex_wake_all, Wake};
+use crate::transport::access::Owner;
+use crate::transport::lock::{pid_alive, LockFile};
+use crate::transport::{
+    check_slot, client_frame_refusal, rand_u64, temp_context, Deadline, Interrupt, Message,
+    ServerEndpoint, INTERRUPT_CHECK,
+};
+
+use super::layout::{
+    lock_path, off, resolve_path, Geometry, CLOSED, LAYOUT_VERSION, READY, SHM_MAGIC,
+};
+use super::lease;
+use super::ring::{decode_at, Region, ShmLease, BUSY};
+
 /// A response buffer laid out by [`ShmServer::reserve`], waiting to be filled and published.
 /// Dropping it without publishing cancels it (nothing is sent).
 pub struct Reservation {

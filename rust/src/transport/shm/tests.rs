@@ -1,8 +1,18 @@
-use super::*;
-use crate::frame::DType;
-use crate::frame::Kind;
-use crate::transport::no_interrupt;
+//! Tests of the shared-memory transport.
+
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::frame::{self, DType, Kind, Limits, Meta, TensorRef, TensorSpec};
+use crate::transport::{no_interrupt, ClientEndpoint, Interrupt, Message, ServerEndpoint};
+
+use super::client::ShmClient;
+use super::layout::{lock_path, off, resolve_path, MAX_RING_DEPTH, MAX_SLOTS};
+use super::ring::{held_by, holder_of};
+use super::server::ShmServer;
 
 pub(super) const T: Option<Duration> = Some(Duration::from_secs(5));
 

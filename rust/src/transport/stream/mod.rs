@@ -3,7 +3,9 @@
 //! sends a frame straight from the callers' tensor buffers, and the per-slot [`Session`]
 //! of a server.
 
+mod client;
 mod session;
+pub(crate) use client::{poll_readable, ClientStream};
 pub(crate) use session::{no_client, went_away, Incoming, Session};
 
 use std::collections::VecDeque;
@@ -77,6 +79,21 @@ fn is_would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
+/// One non-blocking read into `buf`: `Ok(n)` bytes read, or what ends the pass
+/// (`Err(Some(status))`: the source would block or has ended), or `Err(None)` after a
+/// signal (try again).
+#[allow(clippy::type_complexity)]
+fn read_some<R: Read>(src: &mut R, buf: &mut [u8]) -> Result<Result<usize, Option<ReadStatus>>> {
+    match src.read(buf) {
+        Ok(0) => Ok(Err(Some(ReadStatus::Eof))),
+        Ok(n) => Ok(Ok(n)),
+        Err(e) if is_would_block(&e) => Ok(Err(Some(ReadStatus::WouldBlock))),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Err(None)),
+        Err(e) if is_peer_gone(&e) => Ok(Err(Some(ReadStatus::Eof))),
+        Err(e) => Err(Error::io("read", e)),
+    }
+}
+
 pub(crate) fn is_peer_gone(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -111,15 +128,11 @@ impl FrameReader {
         loop {
             match &mut self.body {
                 None => {
-                    let n = match src.read(&mut self.header[self.got..]) {
-                        Ok(0) => return Ok(ReadStatus::Eof),
-                        Ok(n) => n,
-                        Err(e) if is_would_block(&e) => return Ok(ReadStatus::WouldBlock),
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) if is_peer_gone(&e) => return Ok(ReadStatus::Eof),
-                        Err(e) => return Err(Error::io("read", e)),
-                    };
-                    self.got += n;
+                    match read_some(src, &mut self.header[self.got..])? {
+                        Ok(n) => self.got += n,
+                        Err(Some(status)) => return Ok(status),
+                        Err(None) => continue,
+                    }
                     if self.got == HEADER_LEN {
                         let h = frame::decode_header(&self.header, &self.limits)?;
                         // decode_header bounded total_len by the limits' frame size.
@@ -131,15 +144,11 @@ impl FrameReader {
                 Some((buf, h)) => {
                     let total = h.total_len as usize;
                     if self.got < total {
-                        let n = match src.read(&mut buf.as_mut_slice()[self.got..total]) {
-                            Ok(0) => return Ok(ReadStatus::Eof),
-                            Ok(n) => n,
-                            Err(e) if is_would_block(&e) => return Ok(ReadStatus::WouldBlock),
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                            Err(e) if is_peer_gone(&e) => return Ok(ReadStatus::Eof),
-                            Err(e) => return Err(Error::io("read", e)),
-                        };
-                        self.got += n;
+                        match read_some(src, &mut buf.as_mut_slice()[self.got..total])? {
+                            Ok(n) => self.got += n,
+                            Err(Some(status)) => return Ok(status),
+                            Err(None) => continue,
+                        }
                     }
                     if self.got == total {
                         self.got = 0;
