@@ -170,10 +170,15 @@ impl ShmClient {
                     (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32,
                 )
                 .open(&path);
+            // Missing or stale (not a file being created): reported as such at the deadline.
+            let mut absent = true;
             let waiting = match file {
                 Ok(f) => match inspect(&path, &f)? {
                     Inspect::Ready(r) => break r,
-                    Inspect::NotReady(map) => map,
+                    Inspect::NotReady(map) => {
+                        absent = false;
+                        map
+                    }
                     Inspect::Stale(e) => {
                         if deadline.expired() {
                             return Err(match e {
@@ -206,6 +211,11 @@ impl ShmClient {
                 continue;
             }
             if deadline.expired() {
+                if absent {
+                    // Expired since the look above: look once more, to report what is there
+                    // (missing or stale) rather than a file being created.
+                    continue;
+                }
                 return Err(deadline.timeout_error(format!(
                     "waiting for the server to finish creating {}",
                     path.display()
