@@ -489,7 +489,8 @@ def _sweep_full_device(
             assert path in text, f"try {i}: the error does not name the endpoint {path}: {text}"
             if "for the shared-memory file" in text:  # the space check before reserving
                 assert f"for the shared-memory file {path}: " in text, text
-                assert "free there" in text and "enlarge the filesystem" in text, text
+                assert "are free in" in text and "--max-nbytes" in text, text
+                assert "--num-clients" in text and "--shm-size=" in text, text
             else:
                 assert isinstance(e, OSError) and e.errno == errno.ENOSPC, f"try {i}: {e!r}"
                 assert "No space left on device" in text, f"try {i}: {text}"

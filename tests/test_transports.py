@@ -841,6 +841,43 @@ def test_stale_path_of_killed_server_is_replaced(
     assert os.listdir(short_tmp) == []
 
 
+def test_a_client_waits_on_a_stale_shm_file_as_on_a_missing_one(path: str, procs: Procs) -> None:
+    ready, got = MP.Event(), MP.Event()
+    p = procs.start(serve_process, SHM, path, 1, "double", ready, got)
+    assert ready.wait(10)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(5)
+    assert os.path.exists(path), "a SIGKILLed server cannot have removed its file"
+    # No server comes: the client fails at its deadline, not at once, naming the dead pid.
+    t0 = time.monotonic()
+    with pytest.raises(PeerGoneError, match=f"pid {p.pid}\\) that created .* is gone"):
+        make_client(SHM, path, None, connect_timeout=0.5)
+    assert time.monotonic() - t0 >= 0.5
+    # A server that comes up 1 s after the client started waiting is found.
+    result: dict[str, Any] = {}
+
+    def connect_and_ask() -> None:
+        try:
+            with make_client(SHM, path, None, connect_timeout=5) as c:
+                result["connected_after"] = time.monotonic() - started
+                result["answer"] = c.request(np.arange(3), timeout=5)
+        except SensAIError as e:
+            result["error"] = e
+
+    started = time.monotonic()
+    client = threading.Thread(target=connect_and_ask)
+    client.start()
+    time.sleep(1.0)  # the scenario itself (a restart 1 s later), not a synchronisation
+    server = make_server(SHM, path, 1)
+    with ServerThread(server):
+        client.join(10)
+    server.close()
+    assert not client.is_alive()
+    assert "error" not in result, result.get("error")
+    assert 1.0 <= result["connected_after"] < 3.0, result
+    np.testing.assert_array_equal(result["answer"], np.arange(3))
+
+
 def test_close_removes_files_clients_never_do(
     kind: str, path: str, short_tmp: str, procs: Procs
 ) -> None:

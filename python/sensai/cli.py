@@ -287,6 +287,53 @@ def _serve_teacher(
     return RecordingTeacher(teacher, writer), writer
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _shm_max_nbytes(kw: dict[str, Any], vocab_size: int) -> int:
+    """The default --max-nbytes on shared memory: the largest message of the teacher the
+    flags describe (`sensai.protocol.max_message_nbytes`)."""
+    from .protocol import max_message_nbytes
+
+    return max_message_nbytes(
+        kw["output_format"],
+        vocab_size,
+        kw["max_batch_tokens"],
+        num_samples=kw["num_samples"],
+        topk=min(kw["topk"], vocab_size),
+    )
+
+
+def _vocab_before_load(model: str | None) -> int | None:
+    """The teacher's vocabulary from its config.json, without loading it (a local folder, a
+    name in the Hugging Face cache, a .gguf file converted before); None when unknown."""
+    try:
+        from .teacher.load import _cache_dir_for, model_cache_root, resolve_model
+
+        resolved = resolve_model(model)
+        if resolved.kind == "dir":
+            config = os.path.join(resolved.path, "config.json")
+        elif resolved.kind == "gguf":
+            from pathlib import Path
+
+            cache = _cache_dir_for(Path(resolved.path), resolved.name, model_cache_root())
+            config = str(cache / "config.json")
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(resolved.path, "config.json")
+            if not isinstance(found, str):
+                return None
+            config = found
+        with open(config, encoding="utf-8") as f:
+            cfg = json.load(f)
+        vocab = cfg.get("vocab_size", cfg.get("text_config", {}).get("vocab_size"))
+        return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
+    except Exception:  # anything unreadable: size the file after the load instead
+        return None
+
+
 def run_serve(**kw: Any) -> None:
     """``sensai serve``: validate, open the transport, load the teacher, serve until signalled."""
     _check_flags(kw)
@@ -302,10 +349,15 @@ def run_serve(**kw: Any) -> None:
     if kw["max_elems"] is not None:
         max_nbytes = kw["max_elems"] * _ELEM_BYTES * kw["max_tensors"]
     limits: dict[str, Any] = {"max_tensors": kw["max_tensors"], "max_dims": kw["max_dims"]}
-    if max_nbytes is not None:
-        limits["max_nbytes"] = max_nbytes
     kind = kw["transport"]
     replay, record_dir = kw.pop("replay", None), kw.pop("record", None)
+    # Shared memory reserves every buffer up front: size them from the teacher's largest
+    # answer, known before the load when its vocabulary is (else the file is made after it).
+    sized = max_nbytes is None and kind == "shared_memory"
+    if sized and replay is None:
+        vocab = _vocab_before_load(kw["model"])
+        if vocab is not None:
+            max_nbytes = _shm_max_nbytes(kw, vocab)
     fallback = kw.pop("fallback", None)
     writer: Any = None
     stopping = threading.Event()
@@ -317,17 +369,39 @@ def run_serve(**kw: Any) -> None:
         if service is not None:
             service.stop()
 
-    try:
-        transport, path = create_transport(
-            kind, kw[_PATH_FLAG[kind]], num_slots=kw["num_clients"], **limits
-        )
-    except (SensAIError, ValueError, OSError) as e:
-        raise click.ClickException(f"cannot open the {kind} transport: {e}") from None
+    def open_transport(max_nbytes: int | None) -> tuple[Any, str]:
+        extra = {} if max_nbytes is None else {"max_nbytes": max_nbytes}
+        try:
+            transport, path = create_transport(
+                kind, kw[_PATH_FLAG[kind]], num_slots=kw["num_clients"], **limits, **extra
+            )
+        except (SensAIError, ValueError, OSError) as e:
+            raise click.ClickException(f"cannot open the {kind} transport: {e}") from None
+        if kind == "shared_memory":
+            total = os.path.getsize(path)
+            log.info(
+                "shared memory: %s reserved in %s (%d slot(s) x 2 rings x %d buffers of "
+                "%s%s; --max-nbytes, --num-clients)",
+                _mib(total),
+                os.path.dirname(path),
+                kw["num_clients"],
+                transport.ring_depth,
+                _mib(transport.limits[2]),
+                ", sized for the teacher's largest answer" if sized else "",
+            )
+        return transport, path
+
+    transport: Any = None
+    path = ""
+    if not sized or max_nbytes is not None:
+        transport, path = open_transport(max_nbytes)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         from .serving.batching import TeacherService
 
         teacher, writer = _serve_teacher(kw, replay, record_dir, fallback)
+        if transport is None:
+            transport, path = open_transport(_shm_max_nbytes(kw, int(teacher.vocab_size)))
         service = TeacherService(
             teacher,
             transport,
@@ -350,7 +424,8 @@ def run_serve(**kw: Any) -> None:
         sys.stdout.flush()
         service.serve_forever()
     finally:
-        transport.close()
+        if transport is not None:
+            transport.close()
         if writer is not None:
             writer.close()  # publish the last recorded shard
         for s, h in old.items():

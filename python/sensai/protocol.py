@@ -35,7 +35,9 @@ __all__ = [
     "encode_info",
     "format_name",
     "format_spec",
+    "answer_nbytes",
     "info_features",
+    "max_message_nbytes",
     "require_features",
     "tokenizer_fingerprint",
     "tokenizer_hash",
@@ -122,6 +124,72 @@ def format_spec(fmt: str | int) -> FormatSpec:
 def format_name(tag: int) -> str:
     """The format of a wire tag; ValueError for an unknown tag."""
     return format_spec(int(tag)).name
+
+
+#: Bytes per token of the largest request: int64 ``input_ids`` and an int64 attention mask.
+REQUEST_BYTES_PER_TOKEN = 16
+#: The least a message may carry whatever the teacher: INFO replies and error messages.
+MIN_MESSAGE_NBYTES = 64 << 10
+
+
+def answer_nbytes(
+    fmt: str, vocab_size: int, positions: int, num_samples: int = 256, topk: int = 64
+) -> int:
+    """Tensor bytes of a teacher's answer of format ``fmt`` over ``positions`` positions P
+    (exact, except ``compact``: its most). With N = ``num_samples``, V = ``vocab_size``,
+    k = min(``topk``, V):
+
+    ========  ==============================================================================
+    full      logits P x V float32 (bfloat16 logits are smaller)
+    sampled   indices P x N int64 + values P x N float32
+    coo       coo_indices 4 x (P x N) int64 + coo_values P x N float32
+    compact   offsets (P + 1) int64 + at most min(N, V) distinct tokens per position, each an
+              int32 token, an int16 count (int32 when N > 32767) and a float32 log-prob
+    topk      indices P x k int64 + logprobs P x k float32
+    ========  ==============================================================================
+
+    plus ``logz_sampled`` and ``logz_full`` (float32 each) except for ``full``, and the bool
+    ``mask``, one byte a position."""
+    spec = format_spec(fmt)
+    for name, value in (("vocab_size", vocab_size), ("positions", positions), ("topk", topk)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    p, v = positions, vocab_size
+    n = SamplingParams(num_samples=num_samples).samples(fmt) if spec.samples else 0
+    if fmt == "full":
+        body = p * v * 4
+    elif fmt == "sampled":
+        body = p * n * (8 + 4)
+    elif fmt == "coo":
+        body = p * n * (4 * 8 + 4)
+    elif fmt == "compact":
+        count_bytes = 2 if n <= 32767 else 4
+        body = (p + 1) * 8 + p * min(n, v) * (4 + count_bytes + 4)
+    else:  # topk
+        body = p * min(topk, v) * (8 + 4)
+    return body + (2 * 4 * p if spec.logz else 0) + p
+
+
+def max_message_nbytes(
+    fmt: str,
+    vocab_size: int,
+    max_batch_tokens: int,
+    num_samples: int = 256,
+    topk: int = 64,
+) -> int:
+    """Tensor bytes of the largest message a teacher of format ``fmt`` sends or receives: its
+    answer (:func:`answer_nbytes`) to a request of ``max_batch_tokens`` tokens, which has at
+    most that many positions (S - 1 per row of S tokens, or 1 when S == 1), or that request
+    itself (int64 ids and mask, ``REQUEST_BYTES_PER_TOKEN`` a token); at least
+    ``MIN_MESSAGE_NBYTES``. This is what ``sensai serve`` reserves per shared-memory buffer
+    when ``--max-nbytes`` is not given. A larger single request (the batcher runs it alone)
+    is answered with an error naming the limit, before any compute."""
+    if not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool):
+        raise ValueError(f"max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
+    if max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be an int >= 1, got {max_batch_tokens!r}")
+    answer = answer_nbytes(fmt, vocab_size, max_batch_tokens, num_samples, topk)
+    return max(answer, max_batch_tokens * REQUEST_BYTES_PER_TOKEN, MIN_MESSAGE_NBYTES)
 
 
 # ---------------------------------------------------------------------------------- INFO

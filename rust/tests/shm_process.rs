@@ -470,12 +470,19 @@ fn a_killed_server_ends_the_clients_wait() {
         "took {:?}",
         t0.elapsed()
     );
-    // The dead server's file is stale: attaching says so, and a new server replaces it.
+    // The dead server's file is stale: attaching waits for a new server until its deadline,
+    // then says so; a new server replaces it.
     assert!(path.exists());
-    let e = ShmClient::attach(&path, None, T, &mut no_interrupt())
+    let wait = Duration::from_millis(200);
+    let t0 = Instant::now();
+    let e = ShmClient::attach(&path, None, Some(wait), &mut no_interrupt())
         .err()
         .expect("stale");
-    assert!(matches!(e, Error::PeerGone(_)), "{e}");
+    assert!(t0.elapsed() >= wait, "failed after {:?}", t0.elapsed());
+    assert!(
+        matches!(e, Error::PeerGone(_)) && e.to_string().contains("gone"),
+        "{e}"
+    );
     let mut srv = ShmServer::create(&path, 1, limits(), 2).expect("replace stale file");
     let mut worker = [spawn_child("work", &path)];
     wait_children(&mut srv, &mut worker, Duration::from_secs(30));

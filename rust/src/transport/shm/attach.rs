@@ -32,6 +32,9 @@ pub(super) enum Inspect {
     Ready(Region),
     /// Not (yet) initialised; the mapping, if any, to wait on its `ready` word.
     NotReady(Option<MmapRaw>),
+    /// Left by a server that closed or died: waited on like a missing file (a new server
+    /// replaces it by a rename), and this error reported at the deadline.
+    Stale(Error),
 }
 
 pub(super) fn bad_file(path: &Path, why: impl std::fmt::Display) -> Error {
@@ -108,10 +111,10 @@ pub(super) fn inspect(path: &Path, file: &File) -> Result<Inspect> {
     match ready {
         READY => {}
         CLOSED => {
-            return Err(Error::PeerGone(format!(
+            return Ok(Inspect::Stale(Error::PeerGone(format!(
                 "the server at {} has closed",
                 path.display()
-            )))
+            ))))
         }
         0 => return Ok(Inspect::NotReady(Some(probe.map))),
         other => return Err(bad_file(path, format_args!("bad ready word {other:#x}"))),
@@ -151,10 +154,10 @@ pub(super) fn inspect(path: &Path, file: &File) -> Result<Inspect> {
     }
     let pid = r32(off::SERVER_PID);
     if pid == 0 || !pid_alive(pid) {
-        return Err(Error::PeerGone(format!(
+        return Ok(Inspect::Stale(Error::PeerGone(format!(
             "the server (pid {pid}) that created {} is gone",
             path.display()
-        )));
+        ))));
     }
     Ok(Inspect::Ready(Region {
         map: probe.map,
@@ -166,7 +169,8 @@ pub(super) fn inspect(path: &Path, file: &File) -> Result<Inspect> {
 impl ShmClient {
     /// Attach to the server's file at `path` (a bare name is looked up under `/dev/shm`) and
     /// lease `slot` (or any free one), waiting up to `connect_timeout` for a server that is
-    /// still starting and for its acknowledgement.
+    /// still starting and for its acknowledgement. A missing file and a stale one (its
+    /// server closed or died) are waited on alike, for a server to (re)create it.
     pub fn attach(
         path: impl AsRef<Path>,
         slot: Option<usize>,
@@ -190,10 +194,28 @@ impl ShmClient {
                     (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32,
                 )
                 .open(&path);
+            // Missing or stale (not a file being created): reported as such at the deadline.
+            let mut absent = true;
             let waiting = match file {
                 Ok(f) => match inspect(&path, &f)? {
                     Inspect::Ready(r) => break r,
-                    Inspect::NotReady(map) => map,
+                    Inspect::NotReady(map) => {
+                        absent = false;
+                        map
+                    }
+                    Inspect::Stale(e) => {
+                        if deadline.expired() {
+                            return Err(match e {
+                                Error::PeerGone(why) => Error::PeerGone(format!(
+                                    "{why} (waited {:.1}s for a new server to replace it)",
+                                    deadline.elapsed().as_secs_f64()
+                                )),
+                                other => other,
+                            });
+                        }
+                        // Its replacement appears by an atomic rename, which the watch reports.
+                        None
+                    }
                 },
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     if deadline.expired() {
@@ -213,6 +235,11 @@ impl ShmClient {
                 continue;
             }
             if deadline.expired() {
+                if absent {
+                    // Expired since the look above: look once more, to report what is there
+                    // (missing or stale) rather than a file being created.
+                    continue;
+                }
                 return Err(deadline.timeout_error(format!(
                     "waiting for the server to finish creating {}",
                     path.display()
@@ -229,7 +256,8 @@ impl ShmClient {
                         unsafe { AtomicU32::from_ptr(map.as_mut_ptr().add(off::READY).cast()) };
                     futex_wait(word, 0, deadline.slice());
                 }
-                // No file yet: it appears by an atomic rename, which the watch reports.
+                // No file yet (or a stale one): a new one appears by an atomic rename, which
+                // the watch reports.
                 None => {
                     if let Some(w) = &watch {
                         w.wait(&deadline)?;

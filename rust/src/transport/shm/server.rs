@@ -180,20 +180,71 @@ pub(super) fn mib(n: u64) -> f64 {
 
 pub(super) fn no_space(path: &Path, geo: &Geometry, free: Option<u64>) -> Error {
     let free = match free {
-        Some(f) => format!("{f} bytes ({:.1} MiB)", mib(f)),
-        None => "less".to_owned(),
+        Some(f) => format!("{f} bytes ({:.1} MiB) are free", mib(f)),
+        None => "less is free".to_owned(),
     };
+    let dir = path
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_else(|| ".".to_owned());
     Error::Capacity(format!(
-        "cannot reserve {} bytes ({:.1} MiB) for the shared-memory file {}: {free} free there \
-         ({} slots x 2 rings x {} buffers of {} bytes); lower max_nbytes, num_slots or \
-         ring_depth, or enlarge the filesystem",
+        "cannot reserve {} bytes ({:.1} MiB) for the shared-memory file {}: {free} in {dir} \
+         ({} slots x 2 rings x {} buffers of {} bytes, reserved up front); lower \
+         --max-nbytes (max_nbytes, now {}), --num-clients (num_slots, now {}) or the ring \
+         depth (ring_depth, now {}), or enlarge {dir} to at least {:.0} MiB (Docker: docker \
+         run --shm-size={}m)",
         geo.file_len,
         mib(geo.file_len),
         path.display(),
         geo.num_slots,
         geo.depth,
-        geo.capacity
+        geo.capacity,
+        geo.limits.max_payload_bytes,
+        geo.num_slots,
+        geo.depth,
+        mib(geo.file_len).ceil(),
+        // Headroom for the lock file and anything else in the filesystem.
+        (mib(geo.file_len) * 1.1).ceil() as u64 + 16,
     ))
+}
+
+/// Remove the temporary files (`.<name>.<pid>.<rand>.tmp`) that servers of `name` killed
+/// while creating their file left in `parent`; those of live pids are being built now.
+pub(super) fn remove_stale_temps(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|n| n.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        // `<pid>.<hex>`: exactly our pattern, nothing a user might have named so.
+        let Some((pid, rand)) = rest.split_once('.') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if rand.is_empty() || !rand.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        if pid == std::process::id() || pid_alive(pid) {
+            continue;
+        }
+        // Only our own regular files: never follow a link or touch another user's file.
+        match entry.metadata() {
+            Ok(m) if m.file_type().is_file() && m.uid() == rustix::process::geteuid().as_raw() => {
+                let _ = std::fs::remove_file(entry.path());
+            }
+            _ => {}
+        }
+    }
 }
 
 pub(super) fn free_space(dir: &Path) -> Option<u64> {
@@ -283,14 +334,16 @@ impl ShmServer {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io_path("cannot inspect", path, e)),
         }
-        let free = free_space(parent);
-        if matches!(free, Some(f) if f < geo.file_len) {
-            return Err(no_space(path, &geo, free));
-        }
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // Before the space check: what they hold counts against it.
+        remove_stale_temps(parent, &name);
+        let free = free_space(parent);
+        if matches!(free, Some(f) if f < geo.file_len) {
+            return Err(no_space(path, &geo, free));
+        }
         let tmp = parent.join(format!(
             ".{name}.{}.{:x}.tmp",
             std::process::id(),

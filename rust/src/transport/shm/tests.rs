@@ -638,3 +638,95 @@ fn attach_watches_only_while_no_server_is_up() {
         &[(0, 0, 0), (1, 1, 1)],
     );
 }
+
+/// The file a server of a dead pid left at `p` (its copy, with the pid replaced).
+fn write_stale_file(p: &Path) -> u32 {
+    let srv = ShmServer::create(p, 1, lim(), 2).unwrap();
+    let mut v = std::fs::read(p).unwrap();
+    drop(srv);
+    let pid = dead_pid();
+    v[off::SERVER_PID..off::SERVER_PID + 4].copy_from_slice(&pid.to_ne_bytes());
+    std::fs::write(p, &v).unwrap();
+    pid
+}
+
+/// A stale file (its server died) is waited on like a missing one: the client connects to
+/// the server that replaces it, and without one it fails at its deadline, not at once,
+/// saying whose file it was.
+#[test]
+fn a_stale_file_is_waited_on_until_a_new_server_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("shm");
+    let pid = write_stale_file(&p);
+    let t = Duration::from_millis(300);
+    let t0 = Instant::now();
+    let e = attach_err(&p, t);
+    assert!(t0.elapsed() >= t, "failed after {:?}", t0.elapsed());
+    assert!(matches!(e, Error::PeerGone(_)), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("pid {pid}")) && msg.contains("gone"),
+        "{msg}"
+    );
+    // A server comes up while the client waits on its watch (at its first interrupt call,
+    // after it found the file stale twice): found at once.
+    let c = crate::transport::testing::connect_as_server_starts(
+        1,
+        || ShmServer::create(&p, 1, lim(), 2).unwrap(),
+        |s: &mut ShmServer| match s.wait_any(Some(Duration::from_millis(5)), &mut no_interrupt()) {
+            Ok(_) | Err(Error::Timeout { .. }) => {}
+            Err(e) => panic!("wait_any: {e}"),
+        },
+        {
+            let p = p.clone();
+            move |i: Interrupt<'_>| ShmClient::attach(&p, None, Some(Duration::from_secs(10)), i)
+        },
+    );
+    if let Err(e) = &c.result {
+        panic!("attach after the stale file was replaced: {e}");
+    }
+    assert_eq!((c.watches, c.waits), (1, 1));
+    assert!(c.after_bind < Duration::from_secs(2), "{:?}", c.after_bind);
+}
+
+/// Creating a server removes the temporary files that servers of the same name, killed
+/// while creating theirs, left behind; those of live pids and of other names stay.
+#[test]
+fn create_removes_stale_temp_files_of_dead_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("shm");
+    let dead = dead_pid();
+    let mine = std::process::id();
+    let stale = dir.path().join(format!(".shm.{dead}.1f2e.tmp"));
+    let live = dir.path().join(format!(".shm.{mine}.abc.tmp"));
+    let other = dir.path().join(format!(".other.{dead}.1f2e.tmp"));
+    let odd = dir.path().join(format!(".shm.{dead}.notours.tmp"));
+    for f in [&stale, &live, &other, &odd] {
+        std::fs::write(f, b"half-built").unwrap();
+    }
+    let _srv = ShmServer::create(&p, 1, lim(), 2).unwrap();
+    assert!(
+        !stale.exists(),
+        "the dead server's temp file is still there"
+    );
+    for f in [&live, &other, &odd] {
+        assert!(f.exists(), "{} was removed", f.display());
+    }
+}
+
+/// Not enough room: the error names the CLI flags, Docker's --shm-size and both sizes.
+#[test]
+fn no_space_names_the_flags_and_the_sizes() {
+    let geo = Geometry::new(8, 2, lim()).unwrap();
+    let msg = no_space(Path::new("/dev/shm/x"), &geo, Some(64 << 20)).to_string();
+    for want in [
+        "--max-nbytes",
+        "--num-clients",
+        "ring depth",
+        "--shm-size=",
+        &geo.file_len.to_string(),
+        &(64u64 << 20).to_string(),
+    ] {
+        assert!(msg.contains(want), "{want:?} missing from: {msg}");
+    }
+}
