@@ -259,7 +259,9 @@ def test_collate_wrapper_warns_and_continues_when_the_server_dies_mid_response(
     def collate(rows: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {"input_ids": np.stack(rows)}
 
-    wrapped = wrap_collate_function(collate, client, num_retries=2, retry_delay=0.05)
+    wrapped = wrap_collate_function(
+        collate, client, num_retries=2, retry_delay=0.05, on_error="skip"
+    )
     rows = [np.arange(1024, dtype=np.int64) % fh.VOCAB + i for i in range(16)]
     batch = wrapped(rows)
     np.testing.assert_array_equal(batch["teacher_logits"].numpy(), fh.full_logits(np.stack(rows)))

@@ -341,7 +341,10 @@ def resolve_threads(ap: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per row")
@@ -461,7 +464,8 @@ def train(args, address: str, started: float) -> int:
     history: dict = {"train_kl": [], "train_ce": [], "eval_step": [0], "eval": []}
     history["eval"].append(evaluate(student, held_out))
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epochs, as needed
-    bar = tqdm(total=args.steps, desc="distilling", unit="step", dynamic_ncols=True)
+    # on a terminal only (disable=None); in a log, a line per held-out eval below
+    bar = tqdm(total=args.steps, desc="distilling", unit="step", dynamic_ncols=True, disable=None)
     w = args.kd_weight
     for step, batch in enumerate(itertools.islice(batches, args.steps), start=1):
         teacher = teacher_from_batch(batch)
@@ -483,6 +487,8 @@ def train(args, address: str, started: float) -> int:
         if step % args.eval_every == 0 or step == args.steps:
             history["eval_step"].append(step)
             history["eval"].append(evaluate(student, held_out))
+            if bar.disable:  # not a terminal: a plain line instead of the bar
+                print(f"step {step}/{args.steps}: loss {loss:.3f} kl {kl:.3f} ce {ce:.3f}")
         bar.set_postfix(loss=f"{loss:.3f}", kl=f"{kl:.3f}", ce=f"{ce:.3f}")
         bar.update()
     bar.close()

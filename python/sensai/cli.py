@@ -4,16 +4,20 @@ for its configuration.
 Flags are validated before any model loads. ``sensai serve`` prints one line to stdout when
 it is ready, the address to pass to ``sensai.Client``; logs go to stderr. SIGINT and SIGTERM
 stop it cleanly: no new requests are taken, those in flight are answered, the transport's
-files are removed, and it exits 0.
+files are removed, and it exits 0. A signal before it serves (while the model loads) ends the
+load at once, removes the files and exits 128 + the signal's number (130 for Ctrl-C).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -27,6 +31,18 @@ __all__ = ["main", "cli", "serve", "info", "record"]
 log = logging.getLogger("sensai.cli")
 
 TRANSPORTS = ("named_pipe", "shared_memory", "unix_socket")
+#: --transport also takes the address schemes (shm, unix, pipe).
+_SCHEME_KINDS = {"shm": "shared_memory", "unix": "unix_socket", "pipe": "named_pipe"}
+_TMP = tempfile.gettempdir()
+_DEFAULT_PATHS = {
+    "named_pipe": f"{_TMP}/sensai-PID-pipes",
+    "shared_memory": "/dev/shm/sensai-PID"
+    if os.path.isdir("/dev/shm")
+    else f"{_TMP}/sensai-PID.shm",
+    "unix_socket": f"{_TMP}/sensai-PID.sock",
+}
+DEVICES_HELP = "cpu, cuda, cuda:N, mps or auto"
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?", re.IGNORECASE)
 _PATH_FLAG = {"named_pipe": "pipe_dir", "shared_memory": "shm_path", "unix_socket": "socket_path"}
 #: --max-elems (elements per tensor) -> bytes per message: 8-byte elements, max_tensors tensors.
 _ELEM_BYTES = 8
@@ -39,6 +55,69 @@ def _sampling_param(ctx: click.Context, param: click.Parameter, value: Any) -> A
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     return value
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: ``4096``, or a number with K, M, G or T (powers of 1024), optionally
+    followed by ``iB``: ``16M``, ``1GiB``, ``1.5G``."""
+
+    name = "size"
+    _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    _RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([kmgt])(ib)?)?\s*", re.IGNORECASE)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            n = value
+        else:
+            m = self._RE.fullmatch(str(value))
+            if m is None:
+                self.fail(
+                    f"{value!r} is not a size; expected bytes (4096) or a number with K, M, G or "
+                    "T (powers of 1024), optionally followed by iB: 16M, 1GiB",
+                    param,
+                    ctx,
+                )
+            n = int(float(m.group(1)) * self._UNITS[(m.group(2) or "").lower()])
+        if n < 1:
+            self.fail(f"{value!r} is not a positive size", param, ctx)
+        return n
+
+
+def _cuda_device_count() -> int:
+    """CUDA devices the driver sees (0 without a driver), without importing torch."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll")
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+    except (OSError, AttributeError):
+        return 0
+    return count.value
+
+
+def _device_param(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--device: one of the names the help lists, and present here (torch is not imported)."""
+    if _DEVICE_RE.fullmatch(value) is None:
+        raise click.BadParameter(f"{value!r} is not a device; expected {DEVICES_HELP}")
+    kind, _, index = value.lower().partition(":")
+    if kind == "cuda":
+        count = _cuda_device_count()
+        if count == 0:
+            raise click.BadParameter(
+                f"{value!r} asks for CUDA, but no CUDA device is present here; "
+                f"expected {DEVICES_HELP} (cpu, or auto: CUDA when present)"
+            )
+        if index and int(index) >= count:
+            raise click.BadParameter(
+                f"{value!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    if kind == "mps" and sys.platform != "darwin":
+        raise click.BadParameter(f"{value!r}: mps (Apple's GPU) is only present on macOS")
+    return value.lower()
+
+
+def _transport_param(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    return _SCHEME_KINDS.get(value, value)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,18 +137,25 @@ def serve_options(f: Any) -> Any:
         click.option(
             "--model",
             default=None,
-            help="Teacher model: a local folder or Hugging Face cache name "
-            "(default: the embedded SmolLM2-135M-Instruct). Nothing is downloaded.",
+            help="Teacher model: a local folder (config.json + weights), a .gguf file, or a "
+            "model in the local Hugging Face cache (default: the embedded "
+            "SmolLM2-135M-Instruct .gguf). Nothing is downloaded.",
         ),
         click.option(
-            "--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto."
+            "--device",
+            default="auto",
+            show_default=True,
+            callback=_device_param,
+            help=f"{DEVICES_HELP} (auto: CUDA when present, else cpu).",
         ),
         click.option(
             "--transport",
-            type=click.Choice(TRANSPORTS),
+            type=click.Choice(TRANSPORTS + tuple(_SCHEME_KINDS)),
             default="shared_memory",
             show_default=True,
-            help="How clients reach the server.",
+            callback=_transport_param,
+            help="How clients reach the server (shm, unix and pipe, the address schemes, "
+            "name the same).",
         ),
         click.option(
             "--num-clients",
@@ -78,14 +164,30 @@ def serve_options(f: Any) -> Any:
             show_default=True,
             help="Slots: how many client connections (processes, DataLoader workers) at once.",
         ),
-        click.option("--pipe-dir", default=None, help="named_pipe: the pipes' directory."),
-        click.option("--shm-path", default=None, help="shared_memory: the segment's path."),
-        click.option("--socket-path", default=None, help="unix_socket: the socket's path."),
+        click.option(
+            "--pipe-dir",
+            default=None,
+            show_default=_DEFAULT_PATHS["named_pipe"],
+            help="named_pipe: the pipes' directory.",
+        ),
+        click.option(
+            "--shm-path",
+            default=None,
+            show_default=_DEFAULT_PATHS["shared_memory"],
+            help="shared_memory: the segment's path (a bare name goes under /dev/shm).",
+        ),
+        click.option(
+            "--socket-path",
+            default=None,
+            show_default=_DEFAULT_PATHS["unix_socket"],
+            help="unix_socket: the socket's path.",
+        ),
         click.option(
             "--max-nbytes",
-            type=click.IntRange(min=1),
+            type=ByteSize(),
             default=None,
-            help="Largest message (tensor bytes) in either direction [default: 256 MiB].",
+            help="Largest message (tensor bytes) in either direction: bytes, or with K, M, G "
+            "(powers of 1024): 16M, 1GiB [default: 256 MiB].",
         ),
         click.option(
             "--max-elems",
@@ -196,6 +298,7 @@ def serve_options(f: Any) -> Any:
             type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
             default="INFO",
             show_default=True,
+            help="Least severe log messages written to stderr.",
         ),
     ]
     for option in reversed(options):
@@ -215,6 +318,23 @@ def _check_flags(kw: dict[str, Any]) -> None:
         if kw[name] is not None and kind != kw["transport"]:
             flag = "--" + name.replace("_", "-")
             raise click.UsageError(f"{flag} is for --transport {kind}, not {kw['transport']}")
+        if kw[name] is not None and (kind != "shared_memory" or "/" in kw[name]):
+            parent = os.path.dirname(os.path.abspath(os.path.expanduser(kw[name])))
+            if not os.path.isdir(parent):
+                flag = "--" + name.replace("_", "-")
+                raise click.BadParameter(f"{parent} is not a directory", param_hint=f"'{flag}'")
+    if kw.get("replay") is not None and kw.get("record") is not None:
+        raise click.UsageError("give --replay or --record, not both")
+    if kw.get("fallback") is not None and kw.get("replay") is None:
+        raise click.UsageError("--fallback needs --replay")
+    if kw.get("replay") is None:
+        from .errors import ModelNotFoundError
+        from .teacher.load import resolve_model
+
+        try:
+            resolve_model(kw["model"])  # what it names exists; nothing is loaded
+        except ModelNotFoundError as e:
+            raise click.BadParameter(str(e), param_hint="'--model'") from None
 
 
 def load_cli_teacher(kw: dict[str, Any]) -> Any:
@@ -226,6 +346,10 @@ def load_cli_teacher(kw: dict[str, Any]) -> Any:
 
     if kw["threads"] is not None:
         torch.set_num_threads(kw["threads"])
+    if not sys.stderr.isatty():  # no progress bars (escape codes) in a log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return TeacherLogitsServer(
             kw["model"],
@@ -251,11 +375,8 @@ def _model_name(kw: dict[str, Any], teacher: Any) -> str:
 def _serve_teacher(
     kw: dict[str, Any], replay: str | None, record_dir: str | None, fallback: str | None = None
 ) -> Any:
-    """``(teacher, store writer or None)`` for ``sensai serve`` with --replay / --record."""
-    if replay is not None and record_dir is not None:
-        raise click.UsageError("give --replay or --record, not both")
-    if fallback is not None and replay is None:
-        raise click.UsageError("--fallback needs --replay")
+    """``(teacher, store writer or None)`` for ``sensai serve`` with --replay / --record
+    (their combinations checked by `_check_flags`)."""
     if replay is None and record_dir is None:
         return load_cli_teacher(kw), None
     from .errors import SensAIError
@@ -334,6 +455,33 @@ def _vocab_before_load(model: str | None) -> int | None:
         return None
 
 
+class _Interrupted(BaseException):
+    """A signal while the teacher loads (a BaseException: no ``except Exception`` keeps it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: Set once `run_serve` has cleaned up: `main` then skips the interpreter's teardown of torch
+#: and transformers (about a second or more), which has nothing left to do.
+_exit_fast: list[int] = []
+
+
+def _run(command: click.Command, argv: list[str] | None, prog_name: str) -> None:
+    _exit_fast.clear()  # a serve run in this process before (a test's) is not this one
+    try:
+        command.main(args=argv, prog_name=prog_name)
+    except SystemExit as e:
+        if not _exit_fast:
+            raise
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def run_serve(**kw: Any) -> None:
     """``sensai serve``: validate, open the transport, load the teacher, serve until signalled."""
     _check_flags(kw)
@@ -369,6 +517,11 @@ def run_serve(**kw: Any) -> None:
         if service is not None:
             service.stop()
 
+    def while_loading(signum: int, frame: Any) -> None:
+        for s in old:  # a second signal during the clean-up below only asks to stop
+            signal.signal(s, on_signal)
+        raise _Interrupted(signum)
+
     def open_transport(max_nbytes: int | None) -> tuple[Any, str]:
         extra = {} if max_nbytes is None else {"max_nbytes": max_nbytes}
         try:
@@ -395,10 +548,13 @@ def run_serve(**kw: Any) -> None:
     path = ""
     if not sized or max_nbytes is not None:
         transport, path = open_transport(max_nbytes)
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Until it serves, a signal ends the load where it is (the main thread runs it); then it
+    # only asks the serve loop to stop.
+    old = {s: signal.signal(s, while_loading) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         from .serving.batching import TeacherService
 
+        log.info("loading the teacher")
         teacher, writer = _serve_teacher(kw, replay, record_dir, fallback)
         if transport is None:
             transport, path = open_transport(_shm_max_nbytes(kw, int(teacher.vocab_size)))
@@ -410,6 +566,8 @@ def run_serve(**kw: Any) -> None:
             batch_wait=kw["batch_wait_ms"] / 1e3,
             model_name=_model_name(kw, teacher),
         )
+        for s in old:
+            signal.signal(s, on_signal)
         if stopping.is_set():
             return
         log.info(
@@ -423,6 +581,9 @@ def run_serve(**kw: Any) -> None:
         click.echo(format_address(kind, path))
         sys.stdout.flush()
         service.serve_forever()
+    except _Interrupted as e:
+        log.info("%s while loading the teacher: exiting", signal.Signals(e.signum).name)
+        _exit_fast.append(128 + e.signum)
     finally:
         if transport is not None:
             transport.close()
@@ -431,6 +592,9 @@ def run_serve(**kw: Any) -> None:
         for s, h in old.items():
             signal.signal(s, h)
     log.info("stopped; removed %s", path)
+    if _exit_fast:
+        raise SystemExit(_exit_fast[-1])
+    _exit_fast.append(0)
 
 
 @cli.command("serve")
@@ -501,8 +665,9 @@ def record_options(f: Any) -> Any:
 
 
 @cli.command("record")
-@click.option("--data", required=True, help="Token ids: a .jsonl or .parquet file, a folder of "
-              "them, or a `datasets` folder (save_to_disk).")  # fmt: skip
+@click.option("--data", required=True, type=click.Path(exists=True), help="Token ids: a "
+              ".jsonl or .parquet file, a folder of them, or a `datasets` folder "
+              "(save_to_disk).")  # fmt: skip
 @click.option("--out", "out_dir", required=True, help="The store's folder (created; resumed).")
 @click.option("--column", default="input_ids", show_default=True, help="Column of token ids.")
 @click.option("--text-column", default=None, help="A text column, encoded by the teacher's "
@@ -523,7 +688,9 @@ def record_options(f: Any) -> Any:
     help="Independent sample sets per sequence (a replay's set_epoch picks one).",
 )
 @click.option("--rows-per-shard", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--progress/--no-progress", default=True, help="A tqdm progress bar on stderr.")
+@click.option("--progress/--no-progress", default=True, help="A tqdm progress bar on stderr "
+              "when it is a terminal (in a log: a line every --rows-per-shard "
+              "sequences).")  # fmt: skip
 @record_options
 def record(**kw: Any) -> None:
     """Record a teacher's answers over a tokenised dataset into a store (resumable)."""
@@ -569,7 +736,17 @@ def record(**kw: Any) -> None:
         )
         with StoreWriter(kw["out_dir"], manifest, rows_per_shard=kw["rows_per_shard"]) as w:
             held = len(w)
-            bar = tqdm(total=total, unit="seq", disable=not kw["progress"], file=sys.stderr)
+            # tqdm on a terminal only (disable=None); in a log, a plain line now and then
+            bar = tqdm(total=total, unit="seq", disable=None if kw["progress"] else True)
+            every, done = kw["rows_per_shard"], [0]
+
+            def progress(n: int) -> None:
+                bar.update(n)
+                if kw["progress"] and bar.disable:
+                    done[0] += n
+                    if done[0] // every > (done[0] - n) // every or done[0] == total:
+                        log.info("recorded %d of %d sequences", done[0], total)
+
             seqs = read_sequences(
                 kw["data"],
                 kw["column"],
@@ -585,7 +762,7 @@ def record(**kw: Any) -> None:
                     max_batch_tokens=kw["max_batch_tokens"],
                     samples_per_epoch=kw["samples_per_epoch"],
                     seed=kw["seed"],
-                    progress=bar.update,
+                    progress=progress,
                 )
             finally:
                 bar.close()
@@ -597,7 +774,7 @@ def record(**kw: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``sensai`` console script."""
-    cli.main(args=argv, prog_name="sensai")
+    _run(cli, argv, "sensai")
 
 
 def serve_main(argv: list[str] | None = None, prog_name: str = "sensai serve") -> None:
@@ -606,7 +783,7 @@ def serve_main(argv: list[str] | None = None, prog_name: str = "sensai serve") -
         help="Serve a teacher model (the same flags as `sensai serve`). Prints the address "
         "to pass to sensai.Client when ready."
     )(serve_options(run_serve))
-    command.main(args=argv, prog_name=prog_name)
+    _run(command, argv, prog_name)
 
 
 if __name__ == "__main__":

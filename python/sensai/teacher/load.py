@@ -270,7 +270,12 @@ def convert_gguf(
     log.info("converting %s into %s (once; later loads use the cache)", src, target)
     started = time.perf_counter()
     steps = tqdm(
-        total=3, desc=f"sensai: converting {src.name}", unit="step", file=sys.stderr, leave=False
+        total=3,
+        desc=f"sensai: converting {src.name}",
+        unit="step",
+        file=sys.stderr,
+        leave=False,
+        disable=None,  # on a terminal only: no escape codes in a log
     )
     try:
         steps.set_postfix_str("tokenizer")
