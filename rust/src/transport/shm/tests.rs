@@ -10,9 +10,9 @@ use crate::frame::{self, DType, Kind, Limits, Meta, TensorRef, TensorSpec};
 use crate::transport::{no_interrupt, ClientEndpoint, Interrupt, Message, ServerEndpoint};
 
 use super::client::ShmClient;
-use super::layout::{lock_path, off, resolve_path, MAX_RING_DEPTH, MAX_SLOTS};
+use super::layout::{lock_path, off, resolve_path, Geometry, MAX_RING_DEPTH, MAX_SLOTS};
 use super::ring::{held_by, holder_of};
-use super::server::ShmServer;
+use super::server::{no_space, ShmServer};
 
 pub(super) const T: Option<Duration> = Some(Duration::from_secs(5));
 
