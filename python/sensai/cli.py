@@ -491,7 +491,7 @@ def run_serve(**kw: Any) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from .errors import SensAIError
-    from .transports import create_transport, format_address
+    from .transports import create_transport, format_address, parse_address
 
     max_nbytes = kw["max_nbytes"]
     if kw["max_elems"] is not None:
@@ -531,12 +531,12 @@ def run_serve(**kw: Any) -> None:
         except (SensAIError, ValueError, OSError) as e:
             raise click.ClickException(f"cannot open the {kind} transport: {e}") from None
         if kind == "shared_memory":
-            total = os.path.getsize(path)
+            real = parse_address(format_address(kind, path))[1]  # a bare name is in /dev/shm
             log.info(
                 "shared memory: %s reserved in %s (%d slot(s) x 2 rings x %d buffers of "
                 "%s%s; --max-nbytes, --num-clients)",
-                _mib(total),
-                os.path.dirname(path),
+                _mib(os.path.getsize(real)),
+                os.path.dirname(real),
                 kw["num_clients"],
                 transport.ring_depth,
                 _mib(transport.limits[2]),
